@@ -1,0 +1,5 @@
+import sys
+
+from qasr.cli import main
+
+sys.exit(main())
