@@ -1,0 +1,106 @@
+"""The Qwen2 byte-level BPE tokenizer, over the `tokenizers` library.
+
+Built from the checkpoint's vocab.json, merges.txt and tokenizer_config.json with the standard
+Qwen2 split rules, which the model was trained with. (The official package, loading a local
+directory with transformers 4.57, swaps in Mistral's split regex; that changes ids of mixed-case
+words in context text, so this tokenizer deliberately does not follow it.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+
+from qasr.errors import BundleError
+
+TOKENIZER_FILE = "tokenizer.json"
+SOURCE_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def qwen2_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """Split with the Qwen2 regex, then map bytes to printable characters (no prefix space)."""
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+class Tokenizer:
+    """encode/decode with the model's special tokens at their real ids."""
+
+    def __init__(self, backend: _Backend):
+        self.backend = backend
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> Tokenizer:
+        """Load tokenizer.json if present, else build from vocab.json + merges.txt + tokenizer_config.json."""
+        directory = Path(directory)
+        single = directory / TOKENIZER_FILE
+        if single.is_file():
+            try:
+                return cls(_Backend.from_file(str(single)))
+            except Exception as exc:  # the library raises plain Exception for a malformed file
+                raise BundleError(f"{single}: not a valid tokenizer file ({exc})") from None
+        return cls(build_backend(directory))
+
+    def save(self, path: str | Path) -> None:
+        self.backend.save(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`; special-token strings inside it map to their single ids."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`. Non-special added tokens such as <asr_text> are kept, as the parser needs."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int:
+        found = self.backend.token_to_id(token)
+        if found is None:
+            raise BundleError(f"tokenizer has no token {token!r}")
+        return found
+
+
+def build_backend(directory: Path) -> _Backend:
+    """Assemble the BPE from the official source files; added tokens must land on their listed ids."""
+    for name in SOURCE_FILES:
+        if not (directory / name).is_file():
+            raise BundleError(f"{directory / name}: missing (needed to build the tokenizer)")
+    try:
+        vocab = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
+        merges = _read_merges(directory / "merges.txt")
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+        added = sorted((int(i), entry) for i, entry in config["added_tokens_decoder"].items())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, AttributeError) as exc:
+        raise BundleError(f"{directory}: tokenizer files are not valid ({exc})") from None
+    backend = _Backend(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = qwen2_pre_tokenizer()
+    backend.decoder = decoders.ByteLevel()
+    for token_id, entry in added:
+        token = AddedToken(entry["content"], special=bool(entry.get("special")), normalized=False,
+                           lstrip=False, rstrip=False, single_word=False)
+        if entry.get("special"):
+            backend.add_special_tokens([token])
+        else:
+            backend.add_tokens([token])
+        if backend.token_to_id(entry["content"]) != token_id:
+            raise BundleError(
+                f"{directory / 'tokenizer_config.json'}: added token {entry['content']!r} should have id "
+                f"{token_id} but lands on {backend.token_to_id(entry['content'])} (vocab.json size mismatch?)"
+            )
+    return backend
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    pairs = [line.split(" ") for line in lines if line and not line.startswith("#version")]
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"{path.name} has a line that is not one merge pair")
+    return [(a, b) for a, b in pairs]
