@@ -1,0 +1,53 @@
+"""Shared fixtures: random checkpoints in the official layout, generated once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(preset, seed=0) -> path of a random checkpoint directory (cached per session)."""
+    from qasr.models.synthetic import make_checkpoint
+
+    made: dict = {}
+
+    def get(preset: str = "tiny", seed: int = 0):
+        key = (preset, seed)
+        if key not in made:
+            made[key] = make_checkpoint(tmp_path_factory.mktemp(f"ckpt-{preset}-{seed}"), preset, seed)
+        return made[key]
+
+    return get
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+SPEECH_16K = ("en_16k_s16.wav", "zh_16k_f32_loud.wav")
+
+
+@pytest.fixture(scope="session")
+def speech():
+    """speech(seconds, start=0) -> float32 16 kHz mono speech of that length, cut from the fixtures.
+
+    Longer clips repeat the English and Chinese recordings in turn; `start` rotates the order so
+    two calls can give two different clips of the same length.
+    """
+    import numpy as np
+    import soundfile as sf
+
+    clips = []
+    for name in SPEECH_16K:
+        wav, rate = sf.read(DATA / name, dtype="float32")
+        assert rate == 16000
+        clips.append(wav / max(1.0, float(np.abs(wav).max())))
+
+    def get(seconds: float, start: int = 0):
+        n = int(round(seconds * 16000))
+        parts, total, i = [], 0, start
+        while total < n:
+            parts.append(clips[i % len(clips)])
+            total += len(parts[-1])
+            i += 1
+        return np.concatenate(parts)[:n].astype(np.float32)
+
+    return get

@@ -1,0 +1,26 @@
+"""qasr.runtime and qasr.kernels stay free of torch, transformers and librosa."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import qasr.kernels
+import qasr.runtime
+
+FORBIDDEN = ("torch", "transformers", "librosa")
+
+
+def test_runtime_imports_no_torch():
+    modules = [f"qasr.runtime.{m.name}" for m in pkgutil.iter_modules(qasr.runtime.__path__)]
+    modules += [f"qasr.kernels.{m.name}" for m in pkgutil.iter_modules(qasr.kernels.__path__)]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        f"print(sorted(m for m in {FORBIDDEN!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", f"imported by the runtime: {out.strip()}"
+    assert len(modules) >= 2
