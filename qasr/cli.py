@@ -35,10 +35,103 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qasr {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
+    export = commands.add_parser("export", help="export a checkpoint to a bundle of ONNX graphs")
+    export.add_argument("checkpoint", help="a local checkpoint directory, or a Hugging Face model id")
+    export.add_argument("--out", required=True, type=Path, help="the bundle directory to write")
+    export.set_defaults(run=run_export)
+
+    transcribe = commands.add_parser("transcribe", help="transcribe audio files with a bundle")
+    transcribe.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, opus, mp3, ...)")
+    transcribe.add_argument("--model", required=True, type=Path, help="an ASR bundle directory")
+    transcribe.add_argument("--language", help="force the output language (default: identify it)")
+    transcribe.add_argument("--context", default="", help="background text: names, terms, a previous transcript")
+    transcribe.add_argument("--max-new-tokens", type=_positive, help="cap the token budget (default grows with the audio)")
+    transcribe.add_argument("--format", choices=["txt", "json"], default="txt")
+    transcribe.add_argument("--output-dir", type=Path, help="write one file per input here instead of to stdout")
+    _backend_options(transcribe)
+    transcribe.set_defaults(run=run_transcribe)
+
     info = commands.add_parser("info", help="describe a checkpoint directory and check its files")
     info.add_argument("path", type=Path, help="a Hugging Face checkpoint directory")
     info.set_defaults(run=run_info)
     return parser
+
+
+def _backend_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    parser.add_argument("--threads", type=_positive, help="CPU threads for ONNX Runtime (default: all cores)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from qasr.export.onnx_export import export_bundle, resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    out = export_bundle(checkpoint, args.out, progress=lambda line: print(line, file=sys.stderr))
+    print(out)
+    return 0
+
+
+def run_transcribe(args: argparse.Namespace) -> int:
+    from qasr.runtime.formats import render
+    from qasr.runtime.prompt import check_language
+    from qasr.runtime.transcribe import Transcriber
+
+    model = Transcriber.load(args.model, backend=args.backend, threads=args.threads)
+    language = check_language(args.language, model.languages) if args.language else None
+    names = _output_names(args.audio) if args.output_dir else {}
+    failed = 0
+    for audio in args.audio:
+        try:
+            result = model.transcribe(audio, language=language, context=args.context,
+                                      max_new_tokens=args.max_new_tokens, progress=sys.stderr.isatty())
+        except QasrError as exc:
+            print(f"qasr: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if result.truncated:
+            print(f"qasr: warning: {audio}: the token budget ran out after {len(result.token_ids)} tokens; "
+                  "the text may be cut (raise --max-new-tokens)", file=sys.stderr)
+        text = render(result, args.format)
+        if args.output_dir:
+            _write(args.output_dir / f"{names[audio]}.{args.format}", text)
+        elif len(args.audio) > 1 and args.format == "txt":
+            print(f"==> {audio} <==\n{text}", end="", flush=True)
+        else:
+            print(text, end="", flush=True)
+    return 1 if failed else 0
+
+
+def _output_names(paths: list[str]) -> dict[str, str]:
+    """One output stem per input: the file's stem, numbered where two inputs share one."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        stem = base = Path(path).stem or "audio"
+        n = 1
+        while stem in taken:
+            n += 1
+            stem = f"{base}-{n}"
+        taken.add(stem)
+        names[path] = stem
+    return names
+
+
+def _write(path: Path, text: str) -> None:
+    """Write through a temporary file, so an interrupted run never leaves half a result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def run_info(args: argparse.Namespace) -> int:

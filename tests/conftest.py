@@ -21,6 +21,23 @@ def checkpoint(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def bundle(checkpoint, tmp_path_factory):
+    """bundle(preset, seed=0) -> path of that checkpoint exported to an fp32 ONNX bundle (cached)."""
+    from qasr.export.onnx_export import export_bundle
+
+    made: dict = {}
+
+    def get(preset: str = "tiny", seed: int = 0):
+        key = (preset, seed)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"bundle-{preset}-{seed}") / "bundle"
+            made[key] = export_bundle(checkpoint(preset, seed), out, progress=lambda line: None)
+        return made[key]
+
+    return get
+
+
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 SPEECH_16K = ("en_16k_s16.wav", "zh_16k_f32_loud.wav")
 

@@ -97,3 +97,28 @@ def relative_error(actual, expected) -> float:
 
 def _tensor(x) -> torch.Tensor:
     return x.detach().float() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.float32))
+
+
+def official_transcribe(model: Qwen3ASRModel, audio, **kwargs):
+    """(result, generated ids with end-of-sequence removed) of the official transcribe, windowed.
+
+    The ids are captured from its generate call; a long clip split into parts gives the parts' ids
+    concatenated, as the runtime reports them.
+    """
+    ids: list[int] = []
+    generate = model.model.generate
+
+    def capture(*args, **kw):
+        out = generate(*args, **kw)
+        prompt = kw["input_ids"].shape[1]
+        for row in out.sequences[:, prompt:].tolist():
+            ids.extend(t for t in row if t not in (151645, 151643))
+        return out
+
+    model.model.generate = capture
+    try:
+        with windowed_encoder():
+            result = model.transcribe(audio, **kwargs)[0]
+    finally:
+        model.model.generate = generate
+    return result, ids

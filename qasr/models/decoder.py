@@ -64,12 +64,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        keys = (k if past_k is None else torch.cat([past_k, k], dim=2))[:, :, None]
-        values = (v if past_v is None else torch.cat([past_v, v], dim=2))[:, :, None]
-        q = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, s, self.head_dim)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * (self.head_dim**-0.5)
+        q = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, s, self.head_dim) * (self.head_dim**-0.5)
+        scores = torch.matmul(q, k[:, :, None].transpose(-1, -2))
+        if past_k is not None:  # score the cache in place rather than copying it into a concat
+            scores = torch.cat([torch.matmul(q, past_k[:, :, None].transpose(-1, -2)), scores], dim=-1)
         probs = torch.softmax(torch.where(valid, scores, MASK_VALUE), dim=-1)
-        out = torch.matmul(probs, values).reshape(b, self.heads, s, self.head_dim)
+        out = torch.matmul(probs[..., -s:], v[:, :, None])
+        if past_v is not None:
+            out = torch.matmul(probs[..., :-s], past_v[:, :, None]) + out
+        out = out.reshape(b, self.heads, s, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
 
 
@@ -146,6 +149,16 @@ class Decoder(nn.Module):
         return self.norm(x), torch.stack(rows)
 
 
+def head_logits(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [N,H] -> logits [N,rows] as (W @ h^T)^T.
+
+    Written so the exported graph multiplies by the head's weight as stored: `h @ W^T` makes the
+    exporter fold a transposed copy of W into the graph, which for a tied head stores the
+    embedding table twice (600 MB for the 0.6B model).
+    """
+    return torch.matmul(head.weight, hidden.transpose(0, 1)).transpose(0, 1).float()
+
+
 class DecoderLM(nn.Module):
     """The ASR decoder graph: prompt or step tokens in, greedy next token and new K/V rows out."""
 
@@ -157,7 +170,7 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids, audio_embeds, position, cache):
         """-> next_token [B] (int64), logits [B,V] of the last position, new K/V rows."""
         hidden, rows = self.decoder(self.decoder.embed(input_ids, audio_embeds), position, cache)
-        logits = self.head(hidden[:, -1]).float()
+        logits = head_logits(self.head, hidden[:, -1])
         return torch.argmax(logits, dim=-1), logits, rows
 
 
@@ -180,5 +193,5 @@ class AlignerLM(nn.Module):
         position = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         hidden, _ = self.decoder(x, position)
         slots = torch.nonzero(input_ids[0] == self.timestamp_token_id).squeeze(-1)
-        logits = self.head(hidden[0].index_select(0, slots)).float()
+        logits = head_logits(self.head, hidden[0].index_select(0, slots))
         return torch.argmax(logits, dim=-1), logits

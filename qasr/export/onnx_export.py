@@ -1,0 +1,188 @@
+"""torch -> ONNX: the canonical fp32 bundle of a checkpoint.
+
+Graphs (contracts in docs/graphs.md): encoder, projector, and decoder for ASR checkpoints or
+aligner for the forced aligner. Opset 20, so TensorRT 10.3 (JetPack 6) parses them. Weights go
+to one external data file per graph; a tied head is the embedding initializer itself, stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+
+from qasr import __version__
+from qasr.errors import CheckpointError
+from qasr.models.checkpoint import weight_files
+from qasr.models.config import ModelConfig
+from qasr.models.thinker import EOS_IDS, Thinker
+from qasr.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST
+from qasr.runtime.tokenizer import SOURCE_FILES, TOKENIZER_FILE, Tokenizer
+
+OPSET = 20
+DATA_THRESHOLD = 1024  # initializers above this many bytes live in the external data file
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """A local checkpoint directory as is; anything else is taken as a Hugging Face model id."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    if path.exists() or name.count("/") != 1:
+        raise CheckpointError(f"{name}: not a checkpoint directory (nor a Hugging Face id like Qwen/Qwen3-ASR-0.6B)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=name))
+    except Exception as exc:  # offline, unknown repo, auth: the hub raises many types
+        raise CheckpointError(f"{name}: cannot download from the Hugging Face hub ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print) -> Path:
+    """Export a local checkpoint directory to a bundle directory.
+
+    The bundle is written beside `out_dir` and moved into place only when complete, so a failed
+    or interrupted export never leaves a half bundle or damages an existing one.
+    """
+    checkpoint, out = Path(checkpoint), Path(out_dir)
+    progress(f"loading {checkpoint}")
+    model = Thinker.from_pretrained(checkpoint)
+    config = model.config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    graphs = {"encoder": export_encoder, "projector": export_projector}
+    graphs.update({"aligner": export_aligner} if config.is_aligner else {"decoder": export_decoder})
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staging = Path(tmp)
+        contracts = {}
+        for name, export in graphs.items():
+            progress(f"exporting {name}")
+            contracts[name] = export(model, staging / f"{name}.onnx")
+        copy_tokenizer(checkpoint, staging)
+        manifest = build_manifest(config, contracts, checkpoint)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        staging.mkdir()  # TemporaryDirectory removes its (now empty) directory on exit
+    return out
+
+
+def export_encoder(model: Thinker, path: Path) -> dict:
+    a = model.config.audio
+    args = (torch.zeros(2, a.num_mel_bins, a.window_frames), torch.tensor([a.window_frames, 130]),
+            torch.tensor([a.window_frames, a.window_frames]))
+    return _export(model.encoder, args, path, ["mel", "frames", "conv_frames"], ["hidden"],
+                   {"mel": {0: "windows"}, "frames": {0: "windows"}, "conv_frames": {0: "windows"},
+                    "hidden": {0: "windows"}})
+
+
+def export_projector(model: Thinker, path: Path) -> dict:
+    args = (torch.zeros(7, model.config.audio.d_model),)
+    return _export(model.projector, args, path, ["hidden"], ["audio_embeds"],
+                   {"hidden": {0: "tokens"}, "audio_embeds": {0: "tokens"}})
+
+
+def export_decoder(model: Thinker, path: Path) -> dict:
+    t = model.config.text
+    ids = torch.tensor([[151644, model.config.audio_token_id, model.config.audio_token_id, 198]])
+    cache = torch.zeros(t.num_hidden_layers, 2, 1, t.num_key_value_heads, 8, t.head_dim)
+    args = (ids, torch.zeros(1, 2, t.hidden_size), torch.tensor([2]), cache)
+    dims = {"input_ids": {0: "batch", 1: "new"}, "audio_embeds": {0: "batch", 1: "audio"},
+            "position": {0: "batch"}, "cache": {2: "batch", 4: "capacity"}, "next_token": {0: "batch"},
+            "logits": {0: "batch"}, "new_kv": {2: "batch", 4: "new"}}
+    return _export(model.lm(), args, path, ["input_ids", "audio_embeds", "position", "cache"],
+                   ["next_token", "logits", "new_kv"], dims)
+
+
+def export_aligner(model: Thinker, path: Path) -> dict:
+    stamp = model.config.timestamp_token_id
+    ids = torch.tensor([[model.config.audio_start_token_id, model.config.audio_token_id,
+                         model.config.audio_token_id, model.config.audio_end_token_id, 100, stamp, stamp]])
+    args = (ids, torch.zeros(1, 2, model.config.text.hidden_size))
+    dims = {"input_ids": {1: "sequence"}, "audio_embeds": {1: "audio"}, "classes": {0: "slots"},
+            "logits": {0: "slots"}}
+    return _export(model.aligner(), args, path, ["input_ids", "audio_embeds"], ["classes", "logits"], dims)
+
+
+def _export(module, args, path: Path, inputs, outputs, dims) -> dict:
+    """Trace `module` to ONNX, then store it as graph + one external data file; return its contract."""
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, torch.no_grad():
+        raw = Path(tmp) / path.name
+        torch.onnx.export(module.eval(), args, str(raw), dynamo=False, opset_version=OPSET,
+                          input_names=inputs, output_names=outputs, dynamic_axes=dims,
+                          do_constant_folding=True)
+        graph = onnx.load(str(raw))
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=DATA_THRESHOLD)
+    onnx.checker.check_model(str(path))
+    return {"file": path.name, "data": [data.name] if data.exists() else [], **graph_contract(graph)}
+
+
+def graph_contract(graph: onnx.ModelProto) -> dict:
+    """Names, element types and shapes (symbolic dims by name) of a graph's inputs and outputs."""
+    def describe(values):
+        return {
+            v.name: {
+                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        }
+    return {"inputs": describe(graph.graph.input), "outputs": describe(graph.graph.output)}
+
+
+def copy_tokenizer(checkpoint: Path, out: Path) -> None:
+    """The official tokenizer files, plus one tokenizer.json the runtime loads directly."""
+    for name in SOURCE_FILES:
+        if not (checkpoint / name).is_file():
+            raise CheckpointError(f"{checkpoint / name}: missing (the bundle needs the tokenizer)")
+        shutil.copyfile(checkpoint / name, out / name)
+    Tokenizer.from_dir(checkpoint).save(out / TOKENIZER_FILE)
+
+
+def build_manifest(config: ModelConfig, contracts: dict, checkpoint: Path) -> dict:
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "qasr_version": __version__,
+        "kind": "aligner" if config.is_aligner else "asr",
+        "precision": "fp32",
+        "opset": OPSET,
+        "model": config.to_dict(),
+        "languages": list(config.support_languages),
+        "tokens": {
+            "audio": config.audio_token_id, "audio_start": config.audio_start_token_id,
+            "audio_end": config.audio_end_token_id, "eos": list(EOS_IDS),
+        },
+        "audio": {"sample_rate": 16000, "hop": 160, "mel_bins": config.audio.num_mel_bins,
+                  "window_frames": config.audio.window_frames, "window_tokens": config.audio.window_tokens},
+        "graphs": contracts,
+        "source": {"checkpoint": checkpoint.name, "sha256": checkpoint_digest(checkpoint)},
+    }
+    if config.is_aligner:
+        manifest["tokens"]["timestamp"] = config.timestamp_token_id
+        manifest["aligner"] = {"classes": config.classify_num, "segment_ms": config.timestamp_segment_time}
+    return manifest
+
+
+def checkpoint_digest(checkpoint: Path) -> str:
+    """sha256 over config.json and the weight files, in name order: which checkpoint a bundle came from."""
+    digest = hashlib.sha256()
+    files = [checkpoint / "config.json", *sorted(set(weight_files(checkpoint).values()))]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()

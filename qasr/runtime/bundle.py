@@ -1,0 +1,72 @@
+"""A bundle: the exported directory of graphs, tokenizer files and manifest.json.
+
+The manifest is the runtime's only source of model facts (dimensions, token ids, languages,
+graph contracts), so the runtime never needs the checkpoint, torch or transformers. Every file
+the manifest names is checked on load, and a bundle written by another format version is
+refused with one line that says how to re-export.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qasr.errors import BundleError
+
+MANIFEST = "manifest.json"
+FORMAT = "qasr-bundle"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> Bundle:
+        path = Path(path)
+        file = path / MANIFEST
+        if not file.is_file():
+            hint = " (a checkpoint? run `qasr export` on it first)" if (path / "config.json").is_file() else ""
+            raise BundleError(f"{path}: no {MANIFEST}, not a qasr bundle{hint}")
+        try:
+            manifest = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{file}: not valid JSON ({exc})") from None
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise BundleError(
+                f"{file}: bundle format {manifest.get('format')!r} v{manifest.get('format_version')} is not "
+                f"{FORMAT} v{FORMAT_VERSION}; re-export it with this qasr (`qasr export CHECKPOINT --out DIR`)"
+            )
+        bundle = cls(path, manifest)
+        for name in manifest["graphs"]:
+            bundle.graph_path(name)
+        return bundle
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.manifest["languages"])
+
+    @property
+    def tokens(self) -> dict[str, int | list[int]]:
+        return self.manifest["tokens"]
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    def graph_path(self, name: str) -> Path:
+        """Path of graph `name`, checked to exist together with its external weights."""
+        entry = self.manifest["graphs"].get(name)
+        if entry is None:
+            raise BundleError(f"{self.path}: this {self.kind} bundle has no {name} graph")
+        for file in [entry["file"], *entry.get("data", [])]:
+            if not (self.path / file).is_file():
+                raise BundleError(f"{self.path / file}: missing (named in {MANIFEST})")
+        return self.path / entry["file"]

@@ -1,0 +1,102 @@
+"""ONNX Runtime backend: the fp32 graphs on the CPU (or any execution provider ORT offers).
+
+The decoder runs through IO binding over buffers allocated once per request: the KV cache is a
+numpy array that ORT reads in place, and the decode step's inputs and outputs are bound once, so
+a decoded token allocates nothing. New K/V rows come back as an output and are copied into the
+cache at their position (the portable contract that TensorRT 10.3 also runs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from qasr.errors import BundleError
+from qasr.runtime.backend import Backend
+from qasr.runtime.bundle import Bundle
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list | None = None):
+        self.bundle = bundle
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.options = session_options(threads)
+        self.sessions = {name: self._session(name) for name in bundle.manifest["graphs"]}
+        model = bundle.model["text"]
+        self.cache_shape = (model["num_hidden_layers"], 2, 1, model["num_key_value_heads"], 0, model["head_dim"])
+        self.hidden_size = model["hidden_size"]
+        self.cache: np.ndarray | None = None
+
+    def _session(self, name: str) -> ort.InferenceSession:
+        path = self.bundle.graph_path(name)
+        try:
+            return ort.InferenceSession(str(path), self.options, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types, all with a message
+            raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+
+    def encode(self, mel, frames, conv_frames):
+        return self.sessions["encoder"].run(None, {"mel": mel, "frames": frames, "conv_frames": conv_frames})[0]
+
+    def project(self, hidden):
+        return self.sessions["projector"].run(None, {"hidden": hidden})[0]
+
+    def begin(self, capacity: int) -> None:
+        """Allocate the cache and the decode step's bound buffers for this request.
+
+        The cache is zero-filled, never np.empty: a masked row still meets a zero attention
+        weight, and 0 x NaN from uninitialised memory would poison the output.
+        """
+        layers, two, batch, heads, _, dim = self.cache_shape
+        if self.cache is None or self.cache.shape[4] != capacity:
+            self.cache = np.zeros((layers, two, batch, heads, capacity, dim), dtype=np.float32)
+        vocab = self.bundle.manifest["graphs"]["decoder"]["outputs"]["logits"]["shape"][1]
+        self.step_ids = np.zeros((1, 1), dtype=np.int64)
+        self.step_position = np.zeros(1, dtype=np.int64)
+        self.step_audio = np.zeros((1, 1, self.hidden_size), dtype=np.float32)
+        self.next_token = np.zeros(1, dtype=np.int64)
+        self.last_logits = np.zeros((1, vocab), dtype=np.float32)
+        self.step_rows = np.zeros((layers, two, batch, heads, 1, dim), dtype=np.float32)
+        self.step_binding = self._bind(self.step_ids, self.step_audio, self.step_position, self.step_rows)
+
+    def _bind(self, ids, audio, position, rows) -> ort.IOBinding:
+        binding = self.sessions["decoder"].io_binding()
+        for name, array in (("input_ids", ids), ("audio_embeds", audio), ("position", position),
+                            ("cache", self.cache)):
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        for name, array in (("next_token", self.next_token), ("logits", self.last_logits), ("new_kv", rows)):
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+        return binding
+
+    def decode(self, input_ids, audio_embeds, position):
+        new = input_ids.shape[1]
+        if new == 1:
+            self.step_ids[0, 0] = input_ids[0, 0]
+            self.step_position[0] = position
+            binding, rows = self.step_binding, self.step_rows
+        else:
+            rows = np.empty(self.step_rows.shape[:4] + (new, self.step_rows.shape[5]), dtype=np.float32)
+            binding = self._bind(np.ascontiguousarray(input_ids, dtype=np.int64),
+                                 np.ascontiguousarray(audio_embeds, dtype=np.float32),
+                                 np.array([position], dtype=np.int64), rows)
+        self.sessions["decoder"].run_with_iobinding(binding)
+        self.cache[:, :, :, :, position : position + new] = rows
+        return int(self.next_token[0])
+
+    def logits(self):
+        return self.last_logits[0]
+
+    def align(self, input_ids, audio_embeds):
+        classes, logits = self.sessions["aligner"].run(None, {"input_ids": input_ids, "audio_embeds": audio_embeds})
+        return classes, logits

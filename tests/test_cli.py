@@ -1,0 +1,114 @@
+"""The `qasr` command: output on stdout or in files, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from qasr.cli import main
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+EN, DE = str(DATA / "en_16k_s16.wav"), str(DATA / "de_22k.flac")
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("qasr: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_transcribe_txt_to_stdout(capsys, bundle):
+    code, out, _ = run(capsys, "transcribe", EN, "--model", bundle("tiny-untied"), "--max-new-tokens", 5)
+    assert code == 0 and out.endswith("\n") and out.count("\n") == 1
+
+
+def test_transcribe_json_carries_the_contract(capsys, bundle):
+    code, out, err = run(capsys, "transcribe", DE, "--model", bundle("tiny-untied"), "--format", "json",
+                         "--language", "german", "--max-new-tokens", 4)
+    result = json.loads(out)
+    assert code == 0 and result["language"] == "German" and result["audio"] == DE
+    assert len(result["token_ids"]) == 4 and result["truncated"] is True
+    assert {"frontend", "encoder", "prefill", "decode", "total"} <= set(result["timings"])
+    assert "token budget ran out" in err
+
+
+def test_batch_keeps_going_past_a_bad_file(capsys, bundle, tmp_path):
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio")
+    code, _, err = run(capsys, "transcribe", EN, bad, DE, "--model", bundle("tiny-untied"),
+                       "--max-new-tokens", 3, "--output-dir", tmp_path / "out", "--format", "json")
+    assert code == 1
+    assert str(bad) in _one_error_line(err)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["de_22k.json", "en_16k_s16.json"]
+
+
+def test_output_names_do_not_collide(capsys, bundle, tmp_path):
+    (tmp_path / "a").mkdir()
+    copy = tmp_path / "a" / "en_16k_s16.wav"
+    shutil.copy(EN, copy)
+    code, _, _ = run(capsys, "transcribe", EN, copy, "--model", bundle("tiny-untied"), "--max-new-tokens", 2,
+                     "--output-dir", tmp_path / "out")
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["en_16k_s16-2.txt", "en_16k_s16.txt"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--language", "Klingon"], "unsupported language 'Klingon'"),
+    (["--model", "/nowhere/bundle"], "no manifest.json"),
+])
+def test_bad_options_one_line(capsys, bundle, argv, needle):
+    args = ["transcribe", EN, "--model", bundle("tiny-untied"), *argv]
+    code, _, err = run(capsys, *args)
+    assert code == 1 and needle in _one_error_line(err)
+
+
+def test_checkpoint_given_as_bundle_says_export(capsys, checkpoint):
+    code, _, err = run(capsys, "transcribe", EN, "--model", checkpoint("tiny"))
+    assert code == 1 and "run `qasr export` on it first" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("make", [
+    lambda d: (d / "decoder.onnx.data").unlink(),
+    lambda d: (d / "manifest.json").write_text("{"),
+    lambda d: (d / "decoder.onnx").write_bytes(b"\x00garbage"),
+    lambda d: (d / "tokenizer.json").write_text("[]"),
+])
+def test_damaged_bundle_one_line(capsys, bundle, tmp_path, make):
+    damaged = tmp_path / "bundle"
+    shutil.copytree(bundle("tiny"), damaged)
+    make(damaged)
+    code, _, err = run(capsys, "transcribe", EN, "--model", damaged)
+    assert code == 1 and str(damaged) in _one_error_line(err)
+
+
+def test_export_writes_nothing_on_failure(capsys, checkpoint, tmp_path):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("tiny"), broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    code, _, err = run(capsys, "export", broken, "--out", tmp_path / "bundle")
+    assert code == 1 and "model.safetensors" in _one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_export_unknown_model_id(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(capsys, "export", "nobody/no-such-model", "--out", tmp_path / "b")
+    assert code == 1 and "nobody/no-such-model" in _one_error_line(err)
+
+
+def test_console_script_entry_point(bundle):
+    """The installed `python -m qasr` path, in a fresh process: exit status and stderr only."""
+    done = subprocess.run([sys.executable, "-m", "qasr", "transcribe", "/no/such.wav", "--model",
+                           str(bundle("tiny"))], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip() == "qasr: error: /no/such.wav: no such file"
