@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from qasr.models.checkpoint import EMBED_NAME, HEAD_NAME, INDEX_FILE, SINGLE_FILE, expected_shapes
 from qasr.models.config import ALIGNER_MODEL_TYPE, ASR_MODEL_TYPE, parse_config
-from qasr.models.synthetic_tokenizer import write_tokenizer_files
+from qasr.models.synthetic_tokenizer import ADDED_TOKENS, BASE_VOCAB_SIZE, write_tokenizer_files
 
 ASR_LANGUAGES = (
     "Chinese", "English", "Cantonese", "Arabic", "German", "French", "Spanish", "Portuguese", "Indonesian",
@@ -34,6 +34,7 @@ ALIGNER_LANGUAGES = ("Chinese", "Cantonese", "English", "German", "Spanish", "Fr
                      "Russian", "Korean", "Japanese")
 ASR_VOCAB, ALIGNER_VOCAB = 151936, 152064
 QK_GAIN = 2.0
+UNUSED_ROW_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -133,29 +134,40 @@ def make_checkpoint(out_dir: str | Path, preset: str | Preset = "tiny", seed: in
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     raw = official_config(preset)
     config = parse_config(raw, str(out / "config.json"))
+    real_tokens = write_tokenizer_files(out)
     generator = torch.Generator().manual_seed(seed)
     shapes = expected_shapes(config)
     if config.tied_head:
         shapes[HEAD_NAME] = shapes[EMBED_NAME]  # the release stores the tied head too
-    tensors = _random_tensors(shapes, generator, dtype, config.tied_head)
+    vocab_rows = (EMBED_NAME,) if config.is_aligner else (EMBED_NAME, HEAD_NAME)
+    tensors = _random_tensors(shapes, generator, dtype, config.tied_head, vocab_rows, real_tokens)
     _write_shards(out, shapes, tensors, dtype, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(raw, indent=2), encoding="utf-8")
     (out / "generation_config.json").write_text(json.dumps(
         {"do_sample": False, "eos_token_id": [151643, 151645], "pad_token_id": 151643,
          "transformers_version": "4.57.6"}, indent=2), encoding="utf-8")
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2), encoding="utf-8")
-    write_tokenizer_files(out)
     return out
 
 
-def _random_tensors(shapes: dict, generator: torch.Generator, dtype: torch.dtype, tied: bool):
-    """Yield (name, tensor) in name order; a tied head is a copy of the embedding."""
+def _random_tensors(shapes: dict, generator: torch.Generator, dtype: torch.dtype, tied: bool,
+                    vocab_rows: tuple[str, ...], real_tokens: int):
+    """Yield (name, tensor) in name order; a tied head is a copy of the embedding.
+
+    Rows of the vocabulary that are padding (past the trained tokens, and past the added tokens)
+    are scaled down, so a random model mostly writes real text pieces and sometimes an
+    end-of-sequence id, as a trained one does, rather than undecodable padding.
+    """
     embed = None
     for name, shape in shapes.items():
         if name == HEAD_NAME and tied:
             yield name, embed.clone()
             continue
-        tensor = random_tensor(name, shape, generator).to(dtype)
+        tensor = random_tensor(name, shape, generator)
+        if name in vocab_rows:
+            tensor[real_tokens:BASE_VOCAB_SIZE] *= UNUSED_ROW_SCALE
+            tensor[BASE_VOCAB_SIZE + len(ADDED_TOKENS):] *= UNUSED_ROW_SCALE
+        tensor = tensor.to(dtype)
         embed = tensor if name == EMBED_NAME else embed
         yield name, tensor
 

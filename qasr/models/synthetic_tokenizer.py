@@ -82,8 +82,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(keep, chars)}
 
 
-def train_vocab(merges_wanted: int = 3000) -> tuple[dict[str, int], list[str]]:
-    """Train the small BPE on CORPUS and pad its vocabulary to BASE_VOCAB_SIZE entries."""
+def train_vocab(merges_wanted: int = 3000) -> tuple[dict[str, int], list[str], int]:
+    """Train the small BPE on CORPUS and pad its vocabulary to BASE_VOCAB_SIZE entries.
+
+    Returns the vocabulary, the merges and how many entries are real tokens (the rest padding).
+    """
     tok = _byte_level_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=256 + merges_wanted, show_progress=False,
@@ -93,20 +96,25 @@ def train_vocab(merges_wanted: int = 3000) -> tuple[dict[str, int], list[str]]:
     state = json.loads(tok.to_str())["model"]
     vocab: dict[str, int] = dict(sorted(state["vocab"].items(), key=lambda kv: kv[1]))
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
-    for filler in _filler_tokens(BASE_VOCAB_SIZE - len(vocab)):
+    real = len(vocab)
+    for filler in _filler_tokens(BASE_VOCAB_SIZE - real):
         vocab[filler] = len(vocab)
-    return vocab, merges
+    return vocab, merges, real
 
 
-def write_tokenizer_files(out_dir: Path) -> None:
-    """vocab.json, merges.txt, tokenizer_config.json and chat_template.json in the official layout."""
-    vocab, merges = train_vocab()
+def write_tokenizer_files(out_dir: Path) -> int:
+    """vocab.json, merges.txt, tokenizer_config.json and chat_template.json in the official layout.
+
+    Returns the number of real (trained) tokens at the start of the vocabulary.
+    """
+    vocab, merges, real = train_vocab()
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2, ensure_ascii=False),
                                                    encoding="utf-8")
     (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2),
                                                 encoding="utf-8")
+    return real
 
 
 def tokenizer_config() -> dict:
