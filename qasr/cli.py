@@ -7,11 +7,12 @@ traceback means a bug in qasr, never a problem with the user's files.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from qasr import __version__
-from qasr.errors import QasrError
+from qasr.errors import QasrError, UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--language", help="force the output language (default: identify it)")
     transcribe.add_argument("--context", default="", help="background text: names, terms, a previous transcript")
     transcribe.add_argument("--max-new-tokens", type=_positive, help="cap the token budget (default grows with the audio)")
-    transcribe.add_argument("--format", choices=["txt", "json"], default="txt")
+    transcribe.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt",
+                            help="srt and vtt need --aligner")
     transcribe.add_argument("--output-dir", type=Path, help="write one file per input here instead of to stdout")
+    transcribe.add_argument("--aligner", type=Path, help="a forced-aligner bundle, for word timestamps")
+    transcribe.add_argument("--timestamps", action="store_true", help="add word times (needs --aligner)")
     _backend_options(transcribe)
     transcribe.set_defaults(run=run_transcribe)
+
+    align = commands.add_parser("align", help="time the words of a known transcript in its audio")
+    align.add_argument("audio", help="an audio file (at most 180 s)")
+    align.add_argument("text", help="the transcript, or a UTF-8 text file holding it")
+    align.add_argument("--aligner", required=True, type=Path, help="a forced-aligner bundle")
+    align.add_argument("--language", help="the transcript's language (default: guessed from its script)")
+    align.add_argument("--format", choices=["json", "srt", "vtt"], default="json")
+    _backend_options(align)
+    align.set_defaults(run=run_align)
 
     info = commands.add_parser("info", help="describe a checkpoint directory and check its files")
     info.add_argument("path", type=Path, help="a Hugging Face checkpoint directory")
@@ -82,18 +95,27 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_transcribe(args: argparse.Namespace) -> int:
+    from qasr.runtime.align import Aligner
     from qasr.runtime.formats import render
     from qasr.runtime.prompt import check_language
     from qasr.runtime.transcribe import Transcriber
 
+    timestamps = args.timestamps or args.format in ("srt", "vtt")
+    if timestamps and not args.aligner:
+        raise UsageError(f"{'--format ' + args.format if not args.timestamps else '--timestamps'} needs word "
+                         "times: add --aligner BUNDLE")
     model = Transcriber.load(args.model, backend=args.backend, threads=args.threads)
+    aligner = Aligner.load(args.aligner, backend=args.backend, threads=args.threads) if timestamps else None
     language = check_language(args.language, model.languages) if args.language else None
     names = _output_names(args.audio) if args.output_dir else {}
     failed = 0
-    for audio in args.audio:
+    results = model.transcribe_many(args.audio, language=language, context=args.context, aligner=aligner,
+                                    max_new_tokens=args.max_new_tokens, progress=sys.stderr.isatty())
+    for audio, result in results:
         try:
-            result = model.transcribe(audio, language=language, context=args.context,
-                                      max_new_tokens=args.max_new_tokens, progress=sys.stderr.isatty())
+            if isinstance(result, QasrError):
+                raise result
+            text = render(result, args.format)
         except QasrError as exc:
             print(f"qasr: error: {exc}", file=sys.stderr)
             failed += 1
@@ -101,7 +123,6 @@ def run_transcribe(args: argparse.Namespace) -> int:
         if result.truncated:
             print(f"qasr: warning: {audio}: the token budget ran out after {len(result.token_ids)} tokens; "
                   "the text may be cut (raise --max-new-tokens)", file=sys.stderr)
-        text = render(result, args.format)
         if args.output_dir:
             _write(args.output_dir / f"{names[audio]}.{args.format}", text)
         elif len(args.audio) > 1 and args.format == "txt":
@@ -109,6 +130,47 @@ def run_transcribe(args: argparse.Namespace) -> int:
         else:
             print(text, end="", flush=True)
     return 1 if failed else 0
+
+
+def run_align(args: argparse.Namespace) -> int:
+    from qasr.runtime.align import Aligner
+    from qasr.runtime.formats import subtitle_segments, to_srt, to_vtt
+
+    text = _read_text(args.text)
+    aligner = Aligner.load(args.aligner, backend=args.backend, threads=args.threads)
+    language = args.language or guess_language(text)
+    words = aligner.align(args.audio, text, language)
+    if args.format == "json":
+        out = {"audio": args.audio, "language": language, "text": text, "words": [vars(w) for w in words]}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        segments = subtitle_segments(text, words)
+        print(to_srt(segments) if args.format == "srt" else to_vtt(segments), end="")
+    return 0
+
+
+def _read_text(value: str) -> str:
+    """The argument itself, or the contents of the file it names."""
+    path = Path(value)
+    if len(value) < 4096 and path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{path}: cannot read the transcript as UTF-8 text ({exc})") from None
+    return value
+
+
+def guess_language(text: str) -> str:
+    """Japanese or Korean by their scripts (they need their own word splitters), else English.
+
+    Only the splitting depends on the language: every other language, Chinese included, is cut
+    at spaces and into single ideographs alike.
+    """
+    if any("\u3040" <= ch <= "\u30ff" for ch in text):
+        return "Japanese"
+    if any("\uac00" <= ch <= "\ud7a3" or "\u1100" <= ch <= "\u11ff" for ch in text):
+        return "Korean"
+    return "English"
 
 
 def _output_names(paths: list[str]) -> dict[str, str]:

@@ -94,3 +94,14 @@ def test_graphs_use_opset_20(bundle):
     for name in bundle_.manifest["graphs"]:
         graph = onnx.load(str(bundle_.graph_path(name)), load_external_data=False)
         assert {o.domain: o.version for o in graph.opset_import}[""] == 20
+
+
+def test_window_batches_join_exactly(pair, speech):
+    """A recording past one encoder batch (64 s) whose last batch holds under one chunk of frames."""
+    from qasr.kernels.fbank import log_mel
+    from qasr.runtime.embed import WINDOW_BATCH, embed_audio
+
+    model, backend = pair("tiny")
+    seconds = WINDOW_BATCH * 8 + 0.45
+    wave = speech(seconds)
+    assert relative_error(embed_audio(backend, wave, 800), model.encode(log_mel(wave))) <= TOL

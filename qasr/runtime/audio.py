@@ -59,6 +59,11 @@ def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarra
     return _normalize(name, wave, rate)
 
 
+def source_path(source: object) -> str | None:
+    """The file path of an audio source when it is one (results report it), else None."""
+    return os.fsdecode(source) if isinstance(source, (str, os.PathLike)) else None
+
+
 def _source_name(source: object) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fsdecode(source)

@@ -2,31 +2,34 @@
 
 load_audio -> log_mel -> encoder windows (in batches) -> projector -> prompt -> greedy decode ->
 parse. Audio up to 20 minutes goes through in one pass, as the official package does; longer
-audio is cut at the quietest point near each 20-minute mark and the parts joined. A token budget
-that runs out is reported in `Transcript.truncated`, never hidden.
+audio is cut at the quietest point near each 20-minute mark and the parts joined (each 180 s
+when word times are asked for, as the aligner's limit). A token budget that runs out is
+reported in `Transcript.truncated`, never hidden.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
-from qasr.errors import AudioError, BundleError
-from qasr.kernels.fbank import log_mel
-from qasr.runtime.audio import SAMPLE_RATE, load_audio, split_long_audio
+from qasr.errors import BundleError, QasrError
+from qasr.runtime.align import MAX_SECONDS as ALIGN_SECONDS
+from qasr.runtime.align import Aligner
+from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path, split_long_audio
 from qasr.runtime.backend import Backend, open_backend
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.decode import greedy_decode, token_budget
+from qasr.runtime.embed import add_time, embed_audio
 from qasr.runtime.formats import Transcript
 from qasr.runtime.prompt import check_language, merge_languages, parse_output, prompt_ids
+from qasr.runtime.timestamps import split_units
 from qasr.runtime.tokenizer import Tokenizer
-from qasr.runtime.windows import join_windows, split_windows
 
 MAX_SECONDS = 1200  # the official one-pass limit; longer audio is split near each mark
-WINDOW_BATCH = 8  # encoder windows per call: 64 s of audio, bounds the encoder's memory
 
 
 class Transcriber:
@@ -58,29 +61,35 @@ class Transcriber:
     def encode(self, audio, sample_rate: int | None = None) -> np.ndarray:
         """Audio embeddings [N, hidden] that replace the <|audio_pad|> rows of the prompt."""
         wave = load_audio(audio, sample_rate)
-        return self._embed(wave, _source(audio) or "<audio>", {})
+        return embed_audio(self.backend, wave, self.window_frames, source=source_path(audio) or "<audio>")
 
     def transcribe(self, audio, language: str | None = None, context: str = "",
                    max_new_tokens: int | None = None, sample_rate: int | None = None,
-                   progress: bool = False) -> Transcript:
+                   aligner: Aligner | None = None, progress: bool = False) -> Transcript:
         """Transcribe one recording (a path, bytes, a binary file, or an array with its rate).
 
         `language` forces the output language (else it is identified); `context` is background
         text (names, terms, a previous transcript) the model may use; `max_new_tokens` caps the
-        budget, which otherwise grows with the audio.
+        budget, which otherwise grows with the audio; `aligner` adds word times (the audio is
+        then cut into parts of at most 180 s, as the official package does for timestamps).
         """
         forced = check_language(language, self.languages) if language else None
         start = time.perf_counter()
         wave = load_audio(audio, sample_rate)
+        name = source_path(audio)
         timings = {"load": time.perf_counter() - start}
-        parts = split_long_audio(wave, MAX_SECONDS)
-        texts, languages, tokens, truncated = [], [], [], False
-        for piece, _offset in parts:
-            embeds = self._embed(piece, _source(audio) or "<audio>", timings)
+        parts = split_long_audio(wave, ALIGN_SECONDS if aligner else MAX_SECONDS)
+        texts, languages, tokens, words, truncated = [], [], [], [], False
+        for piece, offset in parts:
+            embeds = embed_audio(self.backend, piece, self.window_frames, timings, name or "<audio>")
             budget = token_budget(len(piece) / SAMPLE_RATE)
             budget = min(budget, max_new_tokens) if max_new_tokens else budget
             decoded = self._decode(embeds, context, forced, budget, timings, progress)
             found, text = parse_output(self.tokenizer.decode(decoded.tokens), forced)
+            if aligner and text.strip():
+                start_align = time.perf_counter()
+                words += aligner.align_units(piece, split_units(text, found), offset, source=name or "<audio>")
+                add_time(timings, "align", time.perf_counter() - start_align)
             texts.append(text)
             languages.append(found)
             tokens += decoded.tokens
@@ -89,24 +98,16 @@ class Transcriber:
         timings["total"] = time.perf_counter() - start
         timings["rtf"] = timings["total"] / duration
         return Transcript(text="".join(texts), language=merge_languages(languages), token_ids=tokens,
-                          audio=_source(audio), duration=duration, timings=timings, truncated=truncated)
+                          audio=name, duration=duration, words=words if aligner else None, timings=timings,
+                          truncated=truncated)
 
-    def _embed(self, wave: np.ndarray, source: str, timings: dict) -> np.ndarray:
-        start = time.perf_counter()
-        mel = log_mel(wave)
-        if mel.shape[1] == 0:
-            raise AudioError(f"{source}: too short to transcribe ({len(wave)} samples; at least 160 needed)")
-        windows, frames, conv_frames = split_windows(mel, self.window_frames)
-        _add(timings, "frontend", time.perf_counter() - start)
-        start = time.perf_counter()
-        hidden = np.concatenate([
-            self.backend.encode(windows[i : i + WINDOW_BATCH], frames[i : i + WINDOW_BATCH],
-                                conv_frames[i : i + WINDOW_BATCH])
-            for i in range(0, len(windows), WINDOW_BATCH)
-        ])
-        embeds = self.backend.project(join_windows(hidden, frames))
-        _add(timings, "encoder", time.perf_counter() - start)
-        return embeds
+    def transcribe_many(self, audios: Iterable, **options) -> Iterator[tuple[object, Transcript | QasrError]]:
+        """(audio, result) for each recording in turn; a bad one yields its error and the rest go on."""
+        for audio in audios:
+            try:
+                yield audio, self.transcribe(audio, **options)
+            except QasrError as exc:
+                yield audio, exc
 
     def _decode(self, embeds, context, language, budget, timings, progress):
         prompt = prompt_ids(self.tokenizer, context, language, len(embeds))
@@ -115,20 +116,12 @@ class Transcriber:
         with bar as tick:
             decoded = greedy_decode(self.backend, prompt, embeds, self.audio_token, budget, self.eos_ids,
                                     on_token=(lambda _: tick.update()) if tick else None)
-        _add(timings, "prefill", decoded.prefill_seconds)
-        _add(timings, "decode", time.perf_counter() - start - decoded.prefill_seconds)
+        add_time(timings, "prefill", decoded.prefill_seconds)
+        add_time(timings, "decode", time.perf_counter() - start - decoded.prefill_seconds)
         return decoded
-
-
-def _add(timings: dict, key: str, value: float) -> None:
-    timings[key] = timings.get(key, 0) + value
 
 
 def _progress(total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="tok", desc="decoding", leave=False)
-
-
-def _source(audio) -> str | None:
-    return str(audio) if isinstance(audio, (str, Path)) else None
