@@ -16,6 +16,11 @@ from qasr.errors import QasrError, UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser, options and all (argparse would eat a leading --help)
+        from qasr.bench import main as bench
+
+        return bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -63,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--format", choices=["json", "srt", "vtt"], default="json")
     _backend_options(align)
     align.set_defaults(run=run_align)
+
+    commands.add_parser("bench", help="benchmark against the official backend (`qasr bench --help`)")
 
     info = commands.add_parser("info", help="describe a checkpoint directory and check its files")
     info.add_argument("path", type=Path, help="a Hugging Face checkpoint directory")

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -36,11 +34,11 @@ import transformers  # noqa: E402
 from test_audio import concatenated_speech  # noqa: E402
 from test_fbank import reference_log_mel  # noqa: E402
 
+from qasr.bench import DOC, machine, write_section  # noqa: E402
 from qasr.kernels.fbank import log_mel  # noqa: E402
 from qasr.runtime.audio import SAMPLE_RATE  # noqa: E402
 
 BEGIN, END = "<!-- frontend:begin -->", "<!-- frontend:end -->"
-DOC = ROOT / "docs" / "benchmarks.md"
 Peers = dict[str, Callable[[np.ndarray], np.ndarray]]
 
 
@@ -89,18 +87,6 @@ def peak_memory(wave: np.ndarray) -> float:
     return peak / 2**20
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} cores (load average at start {load}); Python {platform.python_version()}, "
-        f"numpy {np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"transformers {transformers.__version__}, kaldi-native-fbank {knf.__version__}"
-    )
-
-
 def table(repeats: int) -> str:
     peers = {"qasr log_mel": log_mel, **whisper_paths(), "kaldi-native-fbank (approximate peer)": kaldi_native_fbank}
     rows = [
@@ -128,24 +114,14 @@ def table(repeats: int) -> str:
     )
 
 
-def write_section(text: str) -> None:
-    section = f"{BEGIN}\n{text}\n{END}"
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + section + doc[doc.index(END) + len(END) :]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed runs on 10 min (5x as many on 10 s)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     command = " ".join(["python", "scripts/bench_frontend.py", *sys.argv[1:]])
-    header = f"## Log-mel frontend\n\n{datetime.date.today().isoformat()}, `{command}`\n\n{machine()}\n"
+    peers = f"torch with {torch.get_num_threads()} threads, kaldi-native-fbank {knf.__version__}"
+    header = f"## Log-mel frontend\n\n{datetime.date.today().isoformat()}, `{command}`\n\n{machine()}; {peers}\n"
     print(header)
     body = table(args.repeats)
     print(body.split("\n\n")[-1])
@@ -156,7 +132,7 @@ def main() -> None:
         "approximate peer (Kaldi frame grid, its own FFT); its error is not a parity figure."
     )
     if not args.no_write:
-        write_section(text)
+        write_section(DOC, BEGIN, END, text)
         print(f"\nwritten to {DOC.relative_to(ROOT)}")
 
 

@@ -64,14 +64,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        q = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, s, self.head_dim) * (self.head_dim**-0.5)
-        scores = torch.matmul(q, k[:, :, None].transpose(-1, -2))
+        # Query heads of one KV head and the S positions share a matrix dimension: 4-D matmuls, no
+        # broadcast; the mask and softmax see the 5-D view [b, kvh, rep, s, keys].
+        rep = self.heads // self.kv_heads
+        q = q.reshape(b, self.kv_heads, rep * s, self.head_dim) * (self.head_dim**-0.5)
+        scores = torch.matmul(q, k.transpose(-1, -2))
         if past_k is not None:  # score the cache in place rather than copying it into a concat
-            scores = torch.cat([torch.matmul(q, past_k[:, :, None].transpose(-1, -2)), scores], dim=-1)
-        probs = torch.softmax(torch.where(valid, scores, MASK_VALUE), dim=-1)
-        out = torch.matmul(probs[..., -s:], v[:, :, None])
+            scores = torch.cat([torch.matmul(q, past_k.transpose(-1, -2)), scores], dim=-1)
+        scores = scores.reshape(b, self.kv_heads, rep, s, -1)
+        probs = torch.softmax(torch.where(valid, scores, MASK_VALUE), dim=-1).reshape(b, self.kv_heads, rep * s, -1)
+        out = torch.matmul(probs[..., -s:], v)
         if past_v is not None:
-            out = torch.matmul(probs[..., :-s], past_v[:, :, None]) + out
+            out = torch.matmul(probs[..., :-s], past_v) + out
         out = out.reshape(b, self.heads, s, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
 
@@ -149,14 +153,26 @@ class Decoder(nn.Module):
         return self.norm(x), torch.stack(rows)
 
 
-def head_logits(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [N,H] -> logits [N,rows] as (W @ h^T)^T.
+class _HeadGemm(torch.autograd.Function):
+    """h [N,H] x W[rows,H]^T, exported as one Gemm(transB=1) on W as stored.
 
-    Written so the exported graph multiplies by the head's weight as stored: `h @ W^T` makes the
-    exporter fold a transposed copy of W into the graph, which for a tied head stores the
-    embedding table twice (600 MB for the 0.6B model).
+    Written out because the exporter turns `h @ W^T` into a MatMul on a folded, transposed copy of
+    W: for a tied head that stores the embedding table twice (600 MB for the 0.6B model), and the
+    Gemm streams W row by row, which ONNX Runtime runs closer to the memory bandwidth.
     """
-    return torch.matmul(head.weight, hidden.transpose(0, 1)).transpose(0, 1).float()
+
+    @staticmethod
+    def forward(ctx, hidden, weight):
+        return torch.nn.functional.linear(hidden, weight)
+
+    @staticmethod
+    def symbolic(g, hidden, weight):
+        return g.op("Gemm", hidden, weight, transB_i=1)
+
+
+def head_logits(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """hidden [N,H] -> logits [N,rows] in fp32."""
+    return _HeadGemm.apply(hidden, head.weight).float()
 
 
 class DecoderLM(nn.Module):

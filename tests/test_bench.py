@@ -1,0 +1,39 @@
+"""The benchmark's arithmetic and report plumbing (its timings are never asserted: shared machines)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from qasr.bench import BEGIN, END, bytes_per_token, report, write_section
+
+
+def test_bytes_per_token_match_the_published_floor():
+    """NOTES-tensorrt.md section 6: 1.192 GB (0.6B) and 3.441 GB (1.7B) of bf16 weights per token."""
+    assert round(bytes_per_token("0.6b", 2, 2, 0) / 1e9, 3) == 1.192
+    assert round(bytes_per_token("1.7b", 2, 2, 0) / 1e9, 3) == 3.441
+    kv_per_token = bytes_per_token("0.6b", 2, 2, 1) - bytes_per_token("0.6b", 2, 2, 0)
+    assert kv_per_token == 28 * 2 * 8 * 128 * 2  # 112 KiB of bf16 K and V per context token
+
+
+def test_write_section_replaces_only_its_own_markers(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n<!-- frontend:begin -->\nfrontend table\n<!-- frontend:end -->\n")
+    write_section(doc, BEGIN, END, "first")
+    write_section(doc, BEGIN, END, "second")
+    text = doc.read_text()
+    assert "frontend table" in text and "second" in text and "first" not in text
+    assert text.count(BEGIN) == 1
+
+
+def test_report_ratios_against_official_fp32():
+    run = dict(cold_start=10.0, frontend=0.1, encoder=2.0, ttft=4.0, decode_ms=200.0, rtf=1.0, peak_rss_gb=4.0,
+               prompt_tokens=150)
+    faster = {**run, "encoder": 1.0, "decode_ms": 100.0}
+    rows = [{"model": "0.6b", "seconds": 10, "system": "official-fp32", "runs": [run]},
+            {"model": "0.6b", "seconds": 10, "system": "qasr-onnxruntime", "runs": [faster]}]
+    args = SimpleNamespace(models=["0.6b"], seconds=[10], repeats=1, threads=2, steps=32,
+                           systems=["official-fp32", "qasr-onnxruntime"])
+    text = report(rows, bandwidth=20.0, args=args)
+    qasr_row = next(line for line in text.splitlines() if "| qasr-onnxruntime |" in line and "x" in line)
+    assert "1 [1-1] x0.50" in qasr_row and "100 [100-100] x0.50" in qasr_row
+    assert "| Jetson AGX Orin | 204.8 |" in text
