@@ -125,8 +125,37 @@ def _export(module, args, path: Path, inputs, outputs, dims) -> dict:
     data.unlink(missing_ok=True)
     onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=DATA_THRESHOLD)
+    alias_shared_weights(path)
     onnx.checker.check_model(str(path))
     return {"file": path.name, "data": [data.name] if data.exists() else [], **graph_contract(graph)}
+
+
+def alias_shared_weights(path: Path) -> None:
+    """Give a weight that a Gemm shares with another node (a tied head: the embedding) a second name.
+
+    Both names point at the same bytes of the data file, so it is stored once. ONNX Runtime packs
+    a Gemm's weight into its own layout at load and frees the original, unless another node still
+    uses it; with one shared name the 600 MB embedding would then stay resident twice, with two
+    names the Gather keeps only the rows it touches.
+    """
+    graph = onnx.load(str(path), load_external_data=False)
+    initializers = {t.name: t for t in graph.graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    changed = False
+    for node in graph.graph.node:
+        weight = node.input[1] if node.op_type == "Gemm" else None
+        if weight in initializers and users[weight] > 1:
+            alias = onnx.TensorProto()
+            alias.CopyFrom(initializers[weight])
+            alias.name = f"{weight}.gemm"
+            graph.graph.initializer.append(alias)
+            node.input[1] = alias.name
+            changed = True
+    if changed:
+        onnx.save_model(graph, str(path))
 
 
 def graph_contract(graph: onnx.ModelProto) -> dict:

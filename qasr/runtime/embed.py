@@ -16,7 +16,7 @@ from qasr.kernels.fbank import log_mel
 from qasr.runtime.backend import Backend
 from qasr.runtime.windows import join_windows, split_windows
 
-WINDOW_BATCH = 8  # encoder windows per call: 64 s of audio for the released models
+WINDOW_BATCH = 2  # encoder windows per call: 16 s; larger batches ran slower (cache) and grew the peak memory
 
 
 def embed_audio(backend: Backend, wave: np.ndarray, window_frames: int, timings: dict | None = None,
