@@ -13,6 +13,8 @@ from pathlib import Path
 
 from qasr import __version__
 from qasr.errors import QasrError, UsageError
+from qasr.export import tensorrt_build
+from qasr.runtime.backend import BACKENDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_options(transcribe)
     transcribe.set_defaults(run=run_transcribe)
 
+    build = commands.add_parser("build", help="build TensorRT engines for this GPU into a bundle")
+    tensorrt_build.add_arguments(build)
+    build.set_defaults(run=tensorrt_build.run)
+
     align = commands.add_parser("align", help="time the words of a known transcript in its audio")
     align.add_argument("audio", help="an audio file (at most 180 s)")
     align.add_argument("text", help="the transcript, or a UTF-8 text file holding it")
@@ -78,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _backend_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="auto: TensorRT where the bundle has engines, else ONNX Runtime on CUDA, else CPU")
     parser.add_argument("--threads", type=_positive, help="CPU threads for ONNX Runtime (default: all cores)")
 
 

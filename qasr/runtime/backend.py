@@ -10,10 +10,10 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from qasr.errors import UsageError
+from qasr.errors import EngineError, UsageError
 from qasr.runtime.bundle import Bundle
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "onnxruntime-cuda", "tensorrt")
 
 
 class Backend(ABC):
@@ -45,24 +45,45 @@ class Backend(ABC):
 
 
 def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = None) -> Backend:
-    """Pick and open a backend: TensorRT where the bundle has engines for this GPU, else ONNX Runtime."""
+    """Open `backend`; auto picks TensorRT where the bundle has engines and TensorRT is installed, then
+    ONNX Runtime on a CUDA device, then ONNX Runtime on the CPU."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend == "tensorrt" or (backend == "auto" and _tensorrt_usable(bundle)):
         from qasr.runtime.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(bundle)
+    if backend == "onnxruntime-cuda" or (backend == "auto" and _cuda_usable()):
+        from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend
+
+        return OnnxRuntimeCudaBackend(bundle, threads=threads)
     from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(bundle, threads=threads)
 
 
 def _tensorrt_usable(bundle: Bundle) -> bool:
-    """auto picks TensorRT only when engines were built into the bundle and TensorRT imports."""
-    if not (bundle.path / "engines").is_dir():
+    from qasr.runtime.tensorrt_backend import ENGINES, RECORD, tensorrt_version
+
+    if not (bundle.path / ENGINES / RECORD).is_file():
         return False
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+        tensorrt_version()  # tensorrt-stubs alone imports as an empty package
+    except EngineError:
+        return False
+    return True
+
+
+def _cuda_usable() -> bool:
+    """onnxruntime-gpu with its CUDA provider, cuda-python, and a visible device."""
+    from qasr.runtime.onnxruntime_cuda import cuda_provider_available
+
+    if not cuda_provider_available():
+        return False
+    from qasr.runtime.cuda import Cuda
+
+    try:
+        Cuda()
+    except EngineError:
         return False
     return True
