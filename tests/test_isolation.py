@@ -24,3 +24,11 @@ def test_runtime_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", f"imported by the runtime: {out.strip()}"
     assert len(modules) >= 2
+
+
+def test_engine_building_needs_no_torch():
+    """Deriving bf16 graphs and building engines runs where only onnx is installed (a Jetson)."""
+    code = ("import sys, qasr.export.precision, qasr.export.tensorrt_build, qasr.cli\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

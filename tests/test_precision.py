@@ -17,7 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from oracle import relative_error
-from qasr.export.precision import FP16_CLAMP, convert_tensor, derive_bundle
+from qasr.export.precision import FP16_CLAMP, convert_tensor, derive_bundle, is_cache
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.decode import greedy_decode
 from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -123,7 +123,7 @@ def test_precision_policy(derived, precision):
         for value in [*model.graph.input, *model.graph.output]:
             kind = value.type.tensor_type.elem_type
             if kind in FLOATS:
-                assert kind == (low if value.name in ("cache", "new_kv") else TensorProto.FLOAT), (name, value.name)
+                assert kind == (low if is_cache(value.name) else TensorProto.FLOAT), (name, value.name)
         weights = [t for t in model.graph.initializer if len(t.dims) == 2]
         assert weights and all(t.data_type == low for t in weights), name
         for node in model.graph.node:
@@ -166,7 +166,7 @@ def test_derived_graphs_are_reused_and_rederived_when_stale(derived):
     with pytest.raises(Exception, match="--graphs-only"):
         derived_graphs(bundle, "bf16")
     derive_bundle(bundle, "bf16", progress=lambda line: None)
-    assert derived_graphs(bundle, "bf16")["decoder"]["inputs"]["cache"]["dtype"] == "bfloat16"
+    assert derived_graphs(bundle, "bf16")["decoder"]["inputs"]["past_value_1"]["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-mqa"])
@@ -204,3 +204,10 @@ def test_fp16_aligner_graph_matches_fp32_on_onnxruntime_cpu(derived):
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_derived_graphs_hold_the_tied_table_once(bundle):
+    """The fp32 graph names the table twice (an ORT memory alias); TensorRT must get one copy."""
+    derived = derive_bundle(Bundle.load(bundle("tiny")), "bf16", progress=lambda line: None)
+    graph = onnx.load(str(derived / "decoder.onnx"), load_external_data=False)
+    assert len([t for t in graph.graph.initializer if list(t.dims) == [151936, 48]]) == 1

@@ -207,7 +207,7 @@ def test_profiles_cover_the_longest_request(bundle):
     assert plans["projector"][0]["tokens"][2] == WINDOW_BATCH * manifest["audio"]["window_tokens"]
     shapes = tensorrt_build.profile_shapes(manifest["graphs"]["decoder"], decode)
     assert shapes["input_ids"] == ((1, 1), (1, 1), (1, 1))
-    assert shapes["cache"][2][4] == prefill["capacity"][2]
+    assert shapes["past_key_0"][2][2] == prefill["capacity"][2]
 
 
 # -- GPU -------------------------------------------------------------------------------------------

@@ -18,14 +18,14 @@ import torch
 
 from qasr import __version__
 from qasr.errors import CheckpointError
+from qasr.export.onnx_files import DATA_THRESHOLD, alias_shared_weights, graph_contract
 from qasr.models.checkpoint import weight_files
 from qasr.models.config import ModelConfig
 from qasr.models.thinker import EOS_IDS, Thinker
-from qasr.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST
+from qasr.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, cache_names
 from qasr.runtime.tokenizer import SOURCE_FILES, TOKENIZER_FILE, Tokenizer
 
 OPSET = 20
-DATA_THRESHOLD = 1024  # initializers above this many bytes live in the external data file
 
 
 def resolve_checkpoint(name: str) -> Path:
@@ -94,13 +94,13 @@ def export_projector(model: Thinker, path: Path) -> dict:
 def export_decoder(model: Thinker, path: Path) -> dict:
     t = model.config.text
     ids = torch.tensor([[151644, model.config.audio_token_id, model.config.audio_token_id, 198]])
-    cache = torch.zeros(t.num_hidden_layers, 2, 1, t.num_key_value_heads, 8, t.head_dim)
-    args = (ids, torch.zeros(1, 2, t.hidden_size), torch.tensor([2]), cache)
+    past = [torch.zeros(1, t.num_key_value_heads, 8, t.head_dim) for _ in range(2 * t.num_hidden_layers)]
+    names = cache_names(t.num_hidden_layers)
     dims = {"input_ids": {0: "batch", 1: "new"}, "audio_embeds": {0: "batch", 1: "audio"},
-            "position": {0: "batch"}, "cache": {2: "batch", 4: "capacity"}, "next_token": {0: "batch"},
-            "logits": {0: "batch"}, "new_kv": {2: "batch", 4: "new"}}
-    return _export(model.lm(), args, path, ["input_ids", "audio_embeds", "position", "cache"],
-                   ["next_token", "logits", "new_kv"], dims)
+            "position": {0: "batch"}, "next_token": {0: "batch"}, "logits": {0: "batch"},
+            "new_kv": {2: "batch", 4: "new"}, **{name: {0: "batch", 2: "capacity"} for name in names}}
+    return _export(model.lm(), (ids, torch.zeros(1, 2, t.hidden_size), torch.tensor([2]), *past), path,
+                   ["input_ids", "audio_embeds", "position", *names], ["next_token", "logits", "new_kv"], dims)
 
 
 def export_aligner(model: Thinker, path: Path) -> dict:
@@ -128,47 +128,6 @@ def _export(module, args, path: Path, inputs, outputs, dims) -> dict:
     alias_shared_weights(path)
     onnx.checker.check_model(str(path))
     return {"file": path.name, "data": [data.name] if data.exists() else [], **graph_contract(graph)}
-
-
-def alias_shared_weights(path: Path) -> None:
-    """Give a weight that a Gemm shares with another node (a tied head: the embedding) a second name.
-
-    Both names point at the same bytes of the data file, so it is stored once. ONNX Runtime packs
-    a Gemm's weight into its own layout at load and frees the original, unless another node still
-    uses it; with one shared name the 600 MB embedding would then stay resident twice, with two
-    names the Gather keeps only the rows it touches.
-    """
-    graph = onnx.load(str(path), load_external_data=False)
-    initializers = {t.name: t for t in graph.graph.initializer}
-    users: dict[str, int] = {}
-    for node in graph.graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    changed = False
-    for node in graph.graph.node:
-        weight = node.input[1] if node.op_type == "Gemm" else None
-        if weight in initializers and users[weight] > 1:
-            alias = onnx.TensorProto()
-            alias.CopyFrom(initializers[weight])
-            alias.name = f"{weight}.gemm"
-            graph.graph.initializer.append(alias)
-            node.input[1] = alias.name
-            changed = True
-    if changed:
-        onnx.save_model(graph, str(path))
-
-
-def graph_contract(graph: onnx.ModelProto) -> dict:
-    """Names, element types and shapes (symbolic dims by name) of a graph's inputs and outputs."""
-    def describe(values):
-        return {
-            v.name: {
-                "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
-            }
-            for v in values
-        }
-    return {"inputs": describe(graph.graph.input), "outputs": describe(graph.graph.output)}
 
 
 def copy_tokenizer(checkpoint: Path, out: Path) -> None:

@@ -5,7 +5,7 @@ torch again, so every precision derives from the very graph the CPU parity tests
 TensorRT's strongly typed mode takes each tensor's type from the file. The rules:
 
 - low precision (bf16, or fp16) for everything computed from activations or weights: MatMul,
-  Gemm, Conv, the embedding Gather, elementwise ops, and the KV cache (`cache`, `new_kv`);
+  Gemm, Conv, the embedding Gather, elementwise ops, and the KV cache (`past_*`, `new_kv`);
 - fp32 islands: RMSNorm statistics (x^2, mean, rsqrt, x * rsqrt), LayerNormalization, Softmax,
   ArgMax and the `logits` output; every other graph input and output stays fp32, so the host
   never handles bf16;
@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qasr import __version__
 from qasr.errors import BundleError
-from qasr.export.onnx_export import DATA_THRESHOLD, graph_contract
+from qasr.export.onnx_files import DATA_THRESHOLD, graph_contract, unalias_shared_weights
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.onnxruntime_cuda import RECORD, derived_dir, derived_is_current
 
@@ -46,7 +46,9 @@ LOW_TYPES = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16, "fp32": 
 NUMPY: dict[int, Any] = {TensorProto.BFLOAT16: ml_dtypes.bfloat16, TensorProto.FLOAT16: np.float16, FLOAT: np.float32}
 FLOATS = set(NUMPY)
 FP16_CLAMP = 65504.0 - 1000.0
-LOW_IO = {"cache", "new_kv"}  # the KV cache lives on the device in the engine's own type
+def is_cache(name: str) -> bool:
+    """The KV cache (past_key_i, past_value_i, new_kv) lives on the device in the engine's own type."""
+    return name == "new_kv" or name.startswith(("past_key_", "past_value_"))
 ISLAND_OPS = {"Softmax", "LayerNormalization", "ArgMax"}
 TYPE_FREE_INPUTS = {"Shape", "Size", "Cast"}  # ops that read any input type
 
@@ -80,7 +82,9 @@ def derive_bundle(bundle: Bundle, precision: str, progress: Callable[[str], None
 
 def derive_graph(src: Path, dst: Path, precision: str, encoder_layers: int = 0) -> dict:
     """One graph file -> its derived copy with its own external data; returns its contract."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    model = onnx.load(str(src), load_external_data=False)
+    unalias_shared_weights(model)
+    model = onnx.shape_inference.infer_shapes(model)
     graph = TypedGraph(model, str(src))
     graph.make_portable()
     if precision != "fp32":
@@ -305,7 +309,7 @@ class TypedGraph:
                 self.types[tensor.name] = self.initializer_types[tensor.name] = settle(tensor.name)
         for value in self.graph.input:
             if value.type.tensor_type.elem_type in FLOATS:
-                self.types[value.name] = low if value.name in LOW_IO else FLOAT
+                self.types[value.name] = low if is_cache(value.name) else FLOAT
         casts: dict[tuple[str, int], str] = {}
 
         def rewrite(n: onnx.NodeProto):
@@ -337,7 +341,7 @@ class TypedGraph:
         for value in self.graph.output:
             if value.type.tensor_type.elem_type not in FLOATS:
                 continue
-            declared = low if value.name in LOW_IO else FLOAT
+            declared = low if is_cache(value.name) else FLOAT
             if self.types[value.name] != declared:
                 inner = self.fresh(value.name)
                 producer = producers[value.name]

@@ -32,7 +32,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """RoPE frequencies computed exactly as transformers' default initialiser does (fp32)."""
+    """RoPE frequencies computed exactly as transformers' default initialiser does.
+
+    Always fp32, also in a bf16 model (computed here rather than held in a buffer, which
+    `.to(torch.bfloat16)` would round and visibly degrade the logits).
+    """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     return 1.0 / (theta**exponents)
 
@@ -120,7 +124,6 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
 
     def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the rows of <|audio_pad|> replaced, in order, by `audio_embeds`."""
@@ -129,25 +132,28 @@ class Decoder(nn.Module):
         audio = torch.gather(audio_embeds, 1, index[..., None].expand(-1, -1, audio_embeds.shape[-1]))
         return torch.where(is_audio[..., None], audio.to(self.embed_tokens.weight.dtype), self.embed_tokens(input_ids))
 
-    def forward(self, x: torch.Tensor, position: torch.Tensor, cache: torch.Tensor | None = None):
-        """x [B,S,H] embeddings of the new tokens at `position` [B]; cache [L,2,B,kvh,P,hd] or None.
+    def forward(self, x: torch.Tensor, position: torch.Tensor, past: list[torch.Tensor] | None = None):
+        """x [B,S,H] embeddings of the new tokens at `position` [B]; past: per layer K then V [B,kvh,P,hd].
 
         Returns the normed hidden states [B,S,H] and the new K/V rows [L,2,B,kvh,S,hd]. Cache rows
-        at or beyond `position` are never read, so the cache can be preallocated and reused.
+        at or beyond `position` are never read, so the cache can be preallocated and reused. One
+        tensor per layer and kind, rather than one [L,2,...] tensor: taking a layer out of a
+        stacked input is a copy of the whole cache on ONNX Runtime, at every step.
         """
         s = x.shape[1]
         steps = torch.arange(s, device=x.device)
-        angles = (position[:, None] + steps[None, :]).float()[..., None] * self.inv_freq
+        angles = (position[:, None] + steps[None, :]).float()[..., None] * rope_inv_freq(
+            self.config.head_dim, self.config.rope_theta).to(x.device)
         angles = torch.cat([angles, angles], dim=-1)[:, None]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         valid = (steps[None, :] <= steps[:, None])[None].expand(x.shape[0], -1, -1)
-        if cache is not None:
-            past_valid = torch.arange(cache.shape[4], device=x.device)[None, None, :] < position[:, None, None]
+        if past is not None:
+            past_valid = torch.arange(past[0].shape[2], device=x.device)[None, None, :] < position[:, None, None]
             valid = torch.cat([past_valid.expand(-1, s, -1), valid], dim=-1)
         valid = valid[:, None, None]
         rows = []
         for i, layer in enumerate(self.layers):
-            past_k, past_v = (None, None) if cache is None else (cache[i, 0], cache[i, 1])
+            past_k, past_v = (None, None) if past is None else (past[2 * i], past[2 * i + 1])
             x, k, v = layer(x, cos, sin, past_k, past_v, valid)
             rows.append(torch.stack([k, v]))
         return self.norm(x), torch.stack(rows)
@@ -183,9 +189,10 @@ class DecoderLM(nn.Module):
         self.decoder = decoder
         self.head = head
 
-    def forward(self, input_ids, audio_embeds, position, cache):
-        """-> next_token [B] (int64), logits [B,V] of the last position, new K/V rows."""
-        hidden, rows = self.decoder(self.decoder.embed(input_ids, audio_embeds), position, cache)
+    def forward(self, input_ids, audio_embeds, position, *past):
+        """past: per layer K then V [B,kvh,P,hd] -> next_token [B], logits [B,V] of the last position,
+        new K/V rows [L,2,B,kvh,S,hd]."""
+        hidden, rows = self.decoder(self.decoder.embed(input_ids, audio_embeds), position, list(past))
         logits = head_logits(self.head, hidden[:, -1])
         return torch.argmax(logits, dim=-1), logits, rows
 

@@ -104,8 +104,9 @@ class Thinker(nn.Module):
         position = 0
         tokens: list[int] = []
         logits: list[torch.Tensor] = []
+        past = [cache[layer, kind] for layer in range(text.num_hidden_layers) for kind in (0, 1)]
         while len(tokens) < max_new_tokens:
-            next_token, step_logits, rows = lm(ids, audio, torch.tensor([position]), cache)
+            next_token, step_logits, rows = lm(ids, audio, torch.tensor([position]), *past)
             cache[:, :, :, :, position : position + ids.shape[1]] = rows
             position += ids.shape[1]
             token = int(next_token[0])

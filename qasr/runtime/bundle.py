@@ -19,6 +19,11 @@ FORMAT = "qasr-bundle"
 FORMAT_VERSION = 1
 
 
+def cache_names(layers: int) -> list[str]:
+    """The decoder's per-layer KV-cache inputs, in order: past_key_0, past_value_0, past_key_1, ..."""
+    return [f"past_{kind}_{layer}" for layer in range(layers) for kind in ("key", "value")]
+
+
 @dataclass(frozen=True)
 class Bundle:
     path: Path

@@ -1,8 +1,9 @@
 """ONNX Runtime backend: the fp32 graphs on the CPU (or any execution provider ORT offers).
 
-The decoder runs through IO binding over buffers allocated once per request: the KV cache is a
-numpy array that ORT reads in place, and the decode step's inputs and outputs are bound once, so
-a decoded token allocates nothing. New K/V rows come back as an output and are copied into the
+The decoder runs through IO binding over buffers allocated once per request: the KV cache is one
+numpy array [L, 2, 1, kvh, P, hd] whose per-layer K and V blocks ORT reads in place as its
+past_key_i / past_value_i inputs, and the decode step's inputs and outputs are bound once, so a
+decoded token allocates nothing. New K/V rows come back as an output and are copied into the
 cache at their position (the portable contract that TensorRT 10.3 also runs).
 """
 
@@ -13,7 +14,7 @@ import onnxruntime as ort
 
 from qasr.errors import BundleError
 from qasr.runtime.backend import Backend
-from qasr.runtime.bundle import Bundle
+from qasr.runtime.bundle import Bundle, cache_names
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -72,8 +73,10 @@ class OnnxRuntimeBackend(Backend):
 
     def _bind(self, ids, audio, position, rows) -> ort.IOBinding:
         binding = self.sessions["decoder"].io_binding()
-        for name, array in (("input_ids", ids), ("audio_embeds", audio), ("position", position),
-                            ("cache", self.cache)):
+        layers = [self.cache[layer, kind] for layer in range(len(self.cache)) for kind in (0, 1)]
+        inputs = zip(["input_ids", "audio_embeds", "position", *cache_names(len(self.cache))],
+                     [ids, audio, position, *layers])
+        for name, array in inputs:
             binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         for name, array in (("next_token", self.next_token), ("logits", self.last_logits), ("new_kv", rows)):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))

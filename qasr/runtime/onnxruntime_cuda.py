@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qasr.errors import BundleError, EngineError, UsageError
-from qasr.runtime.bundle import Bundle
+from qasr.runtime.bundle import Bundle, cache_names
 from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from qasr.runtime.cuda import Cuda, row_copy
 from qasr.runtime.tensorrt_backend import ENGINES
@@ -76,7 +76,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
             self.cuda = Cuda()
             self.stream = self.cuda.stream()
         super().__init__(bundle, threads=threads, providers=self._providers(bundle, provider, precision))
-        self.cache_type = NUMPY_TYPES[self.graphs["decoder"]["inputs"]["cache"]["dtype"]] \
+        self.cache_type = NUMPY_TYPES[self.graphs["decoder"]["inputs"]["past_key_0"]["dtype"]] \
             if "decoder" in self.graphs else np.float32
         self.cache_value: Any = None
 
@@ -135,11 +135,22 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
         binding.bind_ortvalue_input("position", ort.OrtValue.ortvalue_from_numpy(position))
         binding.bind_ortvalue_input("audio_embeds", audio)
-        binding.bind_ortvalue_input("cache", self.cache_value)
+        self._bind_cache(binding)
         binding.bind_ortvalue_output("next_token", ort.OrtValue.ortvalue_from_numpy(self.next_token))
         binding.bind_ortvalue_output("logits", logits)
         binding.bind_ortvalue_output("new_kv", rows)
         return binding
+
+    def _bind_cache(self, binding: ort.IOBinding) -> None:
+        """Each layer's K and V: a contiguous block of the one cache allocation, bound in place."""
+        layers, two, *layer_shape = self.cache_value.shape()
+        block = int(np.prod(layer_shape)) * np.dtype(self.cache_type).itemsize
+        for i, name in enumerate(cache_names(layers)):
+            if self.cache is not None:
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self.cache[i // 2, i % 2]))
+            else:
+                binding.bind_input(name, "cuda", self.device_id, self.cache_type, layer_shape,
+                                   self.cache_value.data_ptr() + i * block)
 
     def decode(self, input_ids, audio_embeds, position):
         new = input_ids.shape[1]

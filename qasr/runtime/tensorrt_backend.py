@@ -1,7 +1,8 @@
 """TensorRT backend: the engines `qasr build` compiled into the bundle, the KV cache on the GPU.
 
 Per request, one device cache [L, 2, 1, kvh, P, hd] in the engine's own type (bf16 for a bf16
-build), zeroed once and written in place: a call's new K/V rows go in with one strided
+build), zeroed once, each layer's K and V bound as a block of it (past_key_i, past_value_i), and
+written in place: a call's new K/V rows go in with one strided
 device-to-device copy (cudaMemcpy2DAsync: L*2*kvh rows of S*hd elements at pitch P*hd). Per token,
 the decode step is a CUDA graph captured once per request: two 8-byte copies from pinned host
 memory (token id, position), execute_async_v3, and the greedy id (argmax in the graph) copied
@@ -223,11 +224,13 @@ class TensorRTBackend(Backend):
         engine = self.engines["decoder"]
         self.prefill = self.runners["decoder"]
         self.step = Runner(self.cuda, engine, 1, self.stream)
-        cache_max = dims(engine.get_tensor_profile_shape("cache", 0)[2])
-        self.cache_shape, self.max_capacity = cache_max, cache_max[4]
+        self.cache_names = [n for n in self.prefill.inputs if n.startswith("past_")]
+        layer_max = dims(engine.get_tensor_profile_shape(self.cache_names[0], 0)[2])
+        self.cache_shape = (len(self.cache_names) // 2, 2, *layer_max)
+        self.max_capacity = layer_max[2]
         self.max_prefill = dims(engine.get_tensor_profile_shape("input_ids", 0)[2])[1]
         self.hidden_size = dims(engine.get_tensor_profile_shape("audio_embeds", 0)[2])[2]
-        self.cache_itemsize = self.step.itemsize("cache")
+        self.cache_itemsize = self.step.itemsize(self.cache_names[0])
         self.step_ids = self.cuda.pinned(1, np.int64)
         self.step_position = self.cuda.pinned(1, np.int64)
         self.next_token = self.cuda.pinned(1, np.int64)
@@ -261,8 +264,11 @@ class TensorRTBackend(Backend):
         self._capture_step()
 
     def _bind_cache(self, runner: Runner) -> None:
-        runner.context.set_input_shape("cache", self.cache_shape)
-        runner.context.set_tensor_address("cache", self.cache)
+        layer_shape = self.cache_shape[2:]
+        block = math.prod(layer_shape) * self.cache_itemsize
+        for i, name in enumerate(self.cache_names):  # layer-major, K then V: the cache's own order
+            runner.context.set_input_shape(name, layer_shape)
+            runner.context.set_tensor_address(name, self.cache + i * block)
 
     def _capture_step(self) -> None:
         """Fix the step's shapes and addresses, warm it up once, then record it as a CUDA graph."""
