@@ -203,11 +203,21 @@ def test_profiles_cover_the_longest_request(bundle):
     assert prefill["capacity"] == decode["capacity"]
     audio_tokens = 13 * 300
     assert prefill["capacity"][2] >= audio_tokens + token_budget(300) + 100
-    assert plans["encoder"] == [{"windows": [1, WINDOW_BATCH, WINDOW_BATCH]}]
+    assert plans["encoder"] == [{"windows": [1, WINDOW_BATCH, WINDOW_BATCH], "frames": [100, 800, 800]}]
     assert plans["projector"][0]["tokens"][2] == WINDOW_BATCH * manifest["audio"]["window_tokens"]
     shapes = tensorrt_build.profile_shapes(manifest["graphs"]["decoder"], decode)
     assert shapes["input_ids"] == ((1, 1), (1, 1), (1, 1))
     assert shapes["past_key_0"][2][2] == prefill["capacity"][2]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-aligner"])
+def test_every_symbolic_dimension_has_a_profile(bundle, preset):
+    """Each input of each graph gets min/opt/max shapes from its profiles, with min <= opt <= max."""
+    manifest = Bundle.load(bundle(preset)).manifest
+    for name, plans in tensorrt_build.profiles(manifest, 120).items():
+        for dims in plans:
+            for low, opt, high in tensorrt_build.profile_shapes(manifest["graphs"][name], dims).values():
+                assert all(a <= b <= c for a, b, c in zip(low, opt, high)), name
 
 
 # -- GPU -------------------------------------------------------------------------------------------

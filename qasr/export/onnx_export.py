@@ -81,8 +81,8 @@ def export_encoder(model: Thinker, path: Path) -> dict:
     args = (torch.zeros(2, a.num_mel_bins, a.window_frames), torch.tensor([a.window_frames, 130]),
             torch.tensor([a.window_frames, a.window_frames]))
     return _export(model.encoder, args, path, ["mel", "frames", "conv_frames"], ["hidden"],
-                   {"mel": {0: "windows"}, "frames": {0: "windows"}, "conv_frames": {0: "windows"},
-                    "hidden": {0: "windows"}})
+                   {"mel": {0: "windows", 2: "frames"}, "frames": {0: "windows"}, "conv_frames": {0: "windows"},
+                    "hidden": {0: "windows", 1: "tokens"}})
 
 
 def export_projector(model: Thinker, path: Path) -> dict:

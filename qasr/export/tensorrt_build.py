@@ -30,7 +30,7 @@ from qasr.runtime.decode import PREFILL_CHUNK, token_budget
 from qasr.runtime.embed import WINDOW_BATCH
 from qasr.runtime.cuda import Cuda
 from qasr.runtime.tensorrt_backend import CAPACITY_STEP, ENGINES, RECORD, RECORD_FORMAT, tensorrt_version
-from qasr.runtime.windows import token_count, window_count
+from qasr.runtime.windows import CHUNK_FRAMES, token_count, window_count
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 PROMPT_TOKENS = 256  # chat template plus a context text, beside the audio tokens
@@ -121,7 +121,8 @@ def profiles(manifest: dict, max_audio: float) -> dict[str, list[dict[str, list[
     cache = [1, min(capacity, capacity_for(manifest, TYPICAL_SECONDS)), capacity]
     chunk = min(PREFILL_CHUNK, capacity)
     plans: dict[str, list[dict[str, list[int]]]] = {
-        "encoder": [{"windows": [1, windows, windows]}],
+        "encoder": [{"windows": [1, windows, windows], "frames": [CHUNK_FRAMES, audio["window_frames"],
+                                                                audio["window_frames"]]}],
         "projector": [{"tokens": [1, typical, tokens]}],
     }
     if "decoder" in manifest["graphs"]:

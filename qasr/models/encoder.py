@@ -55,7 +55,8 @@ class EncoderLayer(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """mel windows [W, 128, window_frames] -> hidden states [W, window_tokens, d_model].
+    """mel windows [W, 128, F] -> hidden states [W, 13 F / 100, d_model], F a multiple of 100 up to
+    window_frames (a clip's last window needs only the chunks it fills).
 
     `frames[w]` is the number of valid mel frames in window w (its keys beyond them are masked).
     `conv_frames[w]` is how many frames the conv stack treats as signal: the full window, except
@@ -77,7 +78,7 @@ class AudioEncoder(nn.Module):
     def forward(self, mel: torch.Tensor, frames: torch.Tensor, conv_frames: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         w = mel.shape[0]
-        n_chunks = cfg.window_chunks
+        n_chunks = mel.shape[2] // CHUNK_FRAMES  # a window may be cut short to whole chunks
         chunks = mel.reshape(w, cfg.num_mel_bins, n_chunks, CHUNK_FRAMES).permute(0, 2, 1, 3)
         x = chunks.reshape(w * n_chunks, 1, cfg.num_mel_bins, CHUNK_FRAMES)
         offsets = torch.arange(n_chunks, device=mel.device) * CHUNK_FRAMES

@@ -14,7 +14,7 @@ import numpy as np
 from qasr.errors import AudioError
 from qasr.kernels.fbank import log_mel
 from qasr.runtime.backend import Backend
-from qasr.runtime.windows import join_windows, split_windows
+from qasr.runtime.windows import CHUNK_FRAMES, join_windows, split_windows
 
 WINDOW_BATCH = 2  # encoder windows per call: 16 s; larger batches ran slower (cache) and grew the peak memory
 
@@ -33,15 +33,25 @@ def embed_audio(backend: Backend, wave: np.ndarray, window_frames: int, timings:
         raise AudioError(f"{source}: too short ({len(wave)} samples; at least 160, 10 ms, are needed)")
     add_time(timings, "frontend", time.perf_counter() - start)
     start = time.perf_counter()
-    span = WINDOW_BATCH * window_frames
     embeds = []
-    for begin in range(0, mel.shape[1], span):
-        windows, frames, conv_frames = split_windows(mel[:, begin : begin + span], window_frames)
+    for begin, end in window_batches(mel.shape[1], window_frames):
+        windows, frames, conv_frames = split_windows(mel[:, begin:end], window_frames)
         if begin:  # a later batch holds no clip shorter than a chunk: convolve whole windows
             conv_frames[:] = window_frames
-        embeds.append(backend.project(join_windows(backend.encode(windows, frames, conv_frames), frames)))
+        used = -(-int(frames.max()) // CHUNK_FRAMES) * CHUNK_FRAMES  # whole chunks, no empty ones
+        hidden = backend.encode(np.ascontiguousarray(windows[:, :, :used]), frames, conv_frames)
+        embeds.append(backend.project(join_windows(hidden, frames)))
     add_time(timings, "encoder", time.perf_counter() - start)
     return np.concatenate(embeds)
+
+
+def window_batches(total: int, window_frames: int) -> list[tuple[int, int]]:
+    """Frame ranges encoded per call: full windows WINDOW_BATCH at a time, then a partial last
+    window on its own, cut to the chunks it fills (a 10 s clip is 10 chunks of work, not 16)."""
+    full = total - total % window_frames
+    span = WINDOW_BATCH * window_frames
+    batches = [(begin, min(begin + span, full)) for begin in range(0, full, span)]
+    return batches + ([(full, total)] if full < total else [])
 
 
 def add_time(timings: dict, key: str, seconds: float) -> None:
