@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     for preset in args.models:
         checkpoint, bundle = prepare(preset, args.cache)
         for seconds in args.seconds:
+            if f"{preset}:{seconds:g}" in args.skip:
+                continue
             audio = speech_file(args.cache, seconds)
             for system in args.systems:
                 runs = [worker(system, checkpoint, bundle, audio, seconds, args) for _ in range(args.repeats)]
@@ -68,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", nargs="+", type=float, default=[10, 60, 300])
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], metavar="MODEL:SECONDS",
+                        help="cells to leave out, e.g. 1.7b:300 (the slowest: an hour of the official fp32)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed for the per-token median")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where checkpoints and bundles live")
@@ -245,7 +249,8 @@ def report(rows: list[dict], bandwidth: float, args) -> str:
         "## Against the official transformers backend",
         "",
         f"{datetime.date.today()}, `python scripts/bench.py --models {' '.join(args.models)} --seconds "
-        f"{' '.join(f'{s:g}' for s in args.seconds)} --repeats {args.repeats}` ({args.threads} threads)",
+        f"{' '.join(f'{s:g}' for s in args.seconds)} --repeats {args.repeats}"
+        + (f" --skip {' '.join(args.skip)}" if args.skip else "") + f"` ({args.threads} threads)",
         "",
         machine(),
         "",

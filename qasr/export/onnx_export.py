@@ -69,6 +69,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print) -
         copy_tokenizer(checkpoint, staging)
         manifest = build_manifest(config, contracts, checkpoint)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        staging.chmod(0o755)  # TemporaryDirectory makes it private; a bundle is an ordinary directory
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
