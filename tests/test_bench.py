@@ -31,7 +31,7 @@ def test_report_ratios_against_official_fp32():
     faster = {**run, "encoder": 1.0, "decode_ms": 100.0}
     rows = [{"model": "0.6b", "seconds": 10, "system": "official-fp32", "runs": [run]},
             {"model": "0.6b", "seconds": 10, "system": "qasr-onnxruntime", "runs": [faster]}]
-    args = SimpleNamespace(models=["0.6b"], seconds=[10], repeats=1, threads=2, steps=32,
+    args = SimpleNamespace(models=["0.6b"], seconds=[10], repeats=1, threads=2, steps=32, skip=[],
                            systems=["official-fp32", "qasr-onnxruntime"])
     text = report(rows, bandwidth=20.0, args=args)
     qasr_row = next(line for line in text.splitlines() if "| qasr-onnxruntime |" in line and "x" in line)
