@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from qasr.runtime.tokenizer import qwen2_pre_tokenizer
+from qasr.runtime.tokenizer import bytes_to_unicode, qwen2_pre_tokenizer
 
 BASE_VOCAB_SIZE = 151643
 
@@ -65,21 +65,8 @@ def _byte_level_tokenizer() -> Tokenizer:
 
 def _filler_tokens(count: int) -> list[str]:
     """Vocabulary padding: 0xF8 (never valid UTF-8) plus three index bytes, in byte-level form."""
-    byte_char = _bytes_to_unicode()
+    byte_char = bytes_to_unicode()
     return ["".join(byte_char[b] for b in bytes([0xF8]) + i.to_bytes(3, "big")) for i in range(count)]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(keep, chars)}
 
 
 def train_vocab(merges_wanted: int = 3000) -> tuple[dict[str, int], list[str], int]:

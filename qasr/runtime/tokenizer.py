@@ -8,6 +8,7 @@ words in context text, so this tokenizer deliberately does not follow it.)
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class Tokenizer:
 
     def __init__(self, backend: _Backend):
         self.backend = backend
+        self.added = backend.get_added_tokens_decoder()
+        self.byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> Tokenizer:
@@ -60,11 +63,55 @@ class Tokenizer:
         """Text of `ids`. Non-special added tokens such as <asr_text> are kept, as the parser needs."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `decode` makes of one id: none for special tokens and unknown ids."""
+        added = self.added.get(token_id)
+        if added is not None:
+            return b"" if added.special else added.content.encode()
+        token = self.backend.id_to_token(token_id)
+        return b"" if token is None else bytes(self.byte_of[ch] for ch in token)
+
     def token_id(self, token: str) -> int:
         found = self.backend.token_to_id(token)
         if found is None:
             raise BundleError(f"tokenizer has no token {token!r}")
         return found
+
+
+class IncrementalDecoder:
+    """Text of a growing id sequence, released in whole characters only.
+
+    Byte-level BPE splits a character's UTF-8 bytes across tokens (a CJK character is often
+    three), so decoding each new token alone would print halves as U+FFFD. Here each token adds
+    its bytes to an incremental UTF-8 decoder, which holds a partial character back until it
+    completes; the concatenated pieces equal a full `decode` of the same ids, invalid bytes
+    (which a model can write) included.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text it completes ("" while a character is still partial)."""
+        return self.utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """End of the sequence: a character left partial becomes U+FFFD, as in a full decode."""
+        return self.utf8.decode(b"", final=True)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map that byte-level BPE tokens are written in."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(keep, chars)}
 
 
 def build_backend(directory: Path) -> _Backend:

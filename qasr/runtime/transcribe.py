@@ -27,7 +27,7 @@ from qasr.runtime.embed import add_time, embed_audio
 from qasr.runtime.formats import Transcript
 from qasr.runtime.prompt import check_language, merge_languages, parse_output, prompt_ids
 from qasr.runtime.timestamps import split_units
-from qasr.runtime.tokenizer import Tokenizer
+from qasr.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 MAX_SECONDS = 1200  # the official one-pass limit; longer audio is split near each mark
 
@@ -112,16 +112,31 @@ class Transcriber:
     def _decode(self, embeds, context, language, budget, timings, progress):
         prompt = prompt_ids(self.tokenizer, context, language, len(embeds))
         start = time.perf_counter()
-        bar = _progress(budget) if progress else nullcontext()
-        with bar as tick:
+        with (_Progress(self.tokenizer, budget) if progress else nullcontext()) as bar:
             decoded = greedy_decode(self.backend, prompt, embeds, self.audio_token, budget, self.eos_ids,
-                                    on_token=(lambda _: tick.update()) if tick else None)
+                                    on_token=bar.update if bar else None)
         add_time(timings, "prefill", decoded.prefill_seconds)
         add_time(timings, "decode", time.perf_counter() - start - decoded.prefill_seconds)
         return decoded
 
 
-def _progress(total: int):
-    from tqdm import tqdm
+class _Progress:
+    """A progress bar over the token budget that shows the end of the text written so far."""
 
-    return tqdm(total=total, unit="tok", desc="decoding", leave=False)
+    def __init__(self, tokenizer: Tokenizer, budget: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=budget, unit="tok", desc="decoding", leave=False)
+        self.text = IncrementalDecoder(tokenizer)
+        self.tail = ""
+
+    def update(self, token_id: int) -> None:
+        self.tail = (self.tail + self.text.push(token_id))[-40:]
+        self.bar.set_postfix_str(self.tail.replace("\n", " "), refresh=False)
+        self.bar.update()
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
