@@ -6,19 +6,16 @@
 For each full-size random checkpoint (generated into --work, never into the repo) the fp32
 reference decodes `--steps` greedy tokens after real speech (the tests/data fixtures,
 concatenated); then the same model in bf16 is teacher-forced along those tokens and compared
-step by step: cosine of the logits, top-1 agreement, and the audio embeddings' error. Two bf16
-variants: "graph numerics" keeps the RoPE frequencies in fp32, as the derived bf16 ONNX graphs
-do (qasr.export.precision keeps index math in fp32); "plain .to(bfloat16)" casts them too, as a
-bare `Thinker.to(torch.bfloat16)` does. Random weights are no substitute for the real model's
-activations, so this is an estimate of the arithmetic, not of WER. Slow on a 2-core machine.
+step by step: cosine of the logits, top-1 agreement, and the audio embeddings' error. The bf16
+reference keeps RoPE angles in fp32, as the derived bf16 ONNX graphs do (qasr.export.precision
+keeps index math in fp32). Random weights are no substitute for the real model's activations,
+so this is an estimate of the arithmetic, not of WER. Slow on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,41 +29,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_audio import concatenated_speech  # noqa: E402
 
+from qasr.bench import DEFAULT_CACHE, machine, prepare, write_section  # noqa: E402
 from qasr.kernels.fbank import log_mel  # noqa: E402
-from qasr.models.decoder import rope_inv_freq  # noqa: E402
-from qasr.models.synthetic import make_checkpoint  # noqa: E402
 from qasr.models.thinker import Thinker  # noqa: E402
 from qasr.runtime.prompt import prompt_ids  # noqa: E402
 from qasr.runtime.tokenizer import Tokenizer  # noqa: E402
 
 BEGIN, END = "<!-- bf16:begin -->", "<!-- bf16:end -->"
 DOC = ROOT / "docs" / "benchmarks.md"
-
-
-def checkpoint(work: Path, preset: str) -> Path:
-    path = work / f"qwen3-asr-{preset}-random"
-    if not (path / "config.json").is_file():
-        print(f"generating {path}", flush=True)
-        make_checkpoint(path, preset)
-    return path
-
-
-@torch.no_grad()
-def teacher_forced(model: Thinker, prompt: list[int], embeds: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
-    """Logits [V] at every step when the model is fed `tokens` (the fp32 run's) instead of its own."""
-    text = model.config.text
-    cache = torch.zeros(text.num_hidden_layers, 2, 1, text.num_key_value_heads, len(prompt) + len(tokens),
-                        text.head_dim, dtype=model.dtype)
-    lm, audio = model.lm(), embeds[None].to(model.dtype)
-    ids, position, logits = torch.tensor([prompt]), 0, []
-    for token in [None, *tokens[:-1]]:
-        if token is not None:
-            ids, audio = torch.tensor([[token]]), audio[:, :1]
-        _, step_logits, rows = lm(ids, audio, torch.tensor([position]), cache)
-        cache[:, :, :, :, position : position + ids.shape[1]] = rows
-        position += ids.shape[1]
-        logits.append(step_logits[0].float())
-    return logits
 
 
 def compare(reference: list[torch.Tensor], logits: list[torch.Tensor]) -> tuple[float, float, float, float, float]:
@@ -84,7 +54,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def rows_for(preset: str, work: Path, seconds: int, steps: int) -> list[str]:
-    path = checkpoint(work, preset)
+    path, _ = prepare(preset, work)
     start = time.perf_counter()
     model = Thinker.from_pretrained(path)
     mel = log_mel(concatenated_speech(seconds))
@@ -94,44 +64,19 @@ def rows_for(preset: str, work: Path, seconds: int, steps: int) -> list[str]:
     tokens = reference.tokens
     print(f"{preset}: fp32 greedy run of {len(tokens)} tokens after a {len(prompt)}-token prompt", flush=True)
     model.to(torch.bfloat16)
-    rows = []
-    for variant in ("graph numerics", "plain .to(bfloat16)"):
-        if variant == "graph numerics":
-            model.decoder.inv_freq = rope_inv_freq(model.config.text.head_dim, model.config.text.rope_theta)
-        else:
-            model.decoder.inv_freq = model.decoder.inv_freq.to(torch.bfloat16)
-        embeds16 = model.encode(mel)
-        logits = teacher_forced(model, prompt, embeds16, tokens)
-        low, mean, top1, margin, error = compare(reference.logits, logits)
-        free = model.generate(prompt, embeds16, max_new_tokens=steps, eos_ids=()).tokens
-        same = next((i for i, (a, b) in enumerate(zip(free, tokens)) if a != b), len(tokens))
-        rows.append(
-            f"| {preset} | bf16, {variant} | {relative_error(embeds16, embeds32):.1e} | {low:.4f} | {mean:.4f} "
-            f"| {top1 * 100:.1f} % ({round(top1 * len(tokens))}/{len(tokens)}) | {margin:.3f} | {error:.3f} "
-            f"| {same}/{len(tokens)} |"
-        )
-        print(rows[-1], flush=True)
+    embeds16 = model.encode(mel)
+    logits = [x.float() for x in model.generate(prompt, embeds16, len(tokens), eos_ids=(), forced=tokens).logits]
+    low, mean, top1, margin, error = compare(reference.logits, logits)
+    free = model.generate(prompt, embeds16, max_new_tokens=steps, eos_ids=()).tokens
+    same = next((i for i, (a, b) in enumerate(zip(free, tokens)) if a != b), len(tokens))
+    rows = [
+        f"| {preset} | {relative_error(embeds16, embeds32):.1e} | {low:.4f} | {mean:.4f} "
+        f"| {top1 * 100:.1f} % ({round(top1 * len(tokens))}/{len(tokens)}) | {margin:.3f} | {error:.3f} "
+        f"| {same}/{len(tokens)} |"
+    ]
+    print(rows[-1], flush=True)
     print(f"{preset}: {time.perf_counter() - start:.0f} s", flush=True)
     return rows
-
-
-def machine() -> str:
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores (load average at start {load}); Python {platform.python_version()}, "
-            f"numpy {np.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) this script's section between its markers, leaving the others alone."""
-    section = f"{BEGIN}\n{text}\n{END}"
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + section + doc[doc.index(END) + len(END) :]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(doc)
 
 
 def main() -> None:
@@ -139,7 +84,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["0.6b", "1.7b"], choices=["0.6b", "1.7b"])
     parser.add_argument("--seconds", type=int, default=10, help="seconds of real speech (the fixtures, repeated)")
     parser.add_argument("--steps", type=int, default=32, help="greedy decode steps compared")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/qasr-bench"), help="where checkpoints are generated")
+    parser.add_argument("--work", type=Path, default=DEFAULT_CACHE,
+                        help="where checkpoints (and bundles) are generated; shared with scripts/bench.py")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -148,10 +94,10 @@ def main() -> None:
              f"{datetime.date.today().isoformat()}, `{command}`\n\n{machine()}\n"
     print(header, flush=True)
     rows = [
-        "| model | arithmetic | audio embeds rel. err | logit cosine min | logit cosine mean "
+        "| model | audio embeds rel. err | logit cosine min | logit cosine mean "
         "| teacher-forced top-1 | fp32 top-1 margin (median) | max abs logit error (median) "
         "| free-running ids equal to fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for preset in args.presets:
         rows += rows_for(preset, args.work, args.seconds, args.steps)
@@ -169,7 +115,7 @@ def main() -> None:
         "bf16 kernels round differently (fp32 accumulation, fused pointwise ops)."
     )
     if not args.no_write:
-        write_section(text)
+        write_section(DOC, BEGIN, END, text)
         print(f"\nwritten to {DOC.relative_to(ROOT)}")
 
 

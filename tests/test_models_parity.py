@@ -146,3 +146,16 @@ def test_loads_official_save_pretrained(tmp_path, speech, preset, seed):
         mine = ours.head(hidden[0])
     assert relative_error(mine, logits) <= TOL
     assert np.array_equal(mine.argmax(-1).numpy(), logits.argmax(-1).numpy())
+
+
+def test_teacher_forcing_follows_the_given_ids(models, speech):
+    """generate(forced=...) feeds the given ids: along the model's own run it changes nothing."""
+    _, ours = models("tiny-untied")
+    embeds = ours.encode(clip_features(asr_inputs(models("tiny-untied")[0], speech(3.0))))
+    prompt = [151644, 8948, 198, 151645, 198, 151644, 872, 198, 151669] + [151676] * len(embeds) + [151670]
+    own = ours.generate(prompt, embeds, max_new_tokens=6, eos_ids=())
+    forced = ours.generate(prompt, embeds, max_new_tokens=6, eos_ids=(), forced=own.tokens)
+    assert forced.tokens == own.tokens
+    assert all(torch.equal(a, b) for a, b in zip(forced.logits, own.logits))
+    other = ours.generate(prompt, embeds, max_new_tokens=6, eos_ids=(), forced=[5, 6, 7, 8, 9, 10])
+    assert other.tokens == [5, 6, 7, 8, 9, 10] and not torch.equal(other.logits[1], own.logits[1])

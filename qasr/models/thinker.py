@@ -92,8 +92,12 @@ class Thinker(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: list[int], audio_embeds: torch.Tensor, max_new_tokens: int,
-                 eos_ids: tuple[int, ...] = EOS_IDS) -> Generation:
-        """Greedy decoding with a static cache sized for the prompt plus the budget."""
+                 eos_ids: tuple[int, ...] = EOS_IDS, forced: list[int] | None = None) -> Generation:
+        """Greedy decoding with a static cache sized for the prompt plus the budget.
+
+        `forced` teacher-forces: those ids are fed (and returned) instead of the model's own, so
+        a lower-precision model's logits can be compared step by step along a reference run.
+        """
         text = self.config.text
         capacity = len(input_ids) + max_new_tokens
         cache = torch.zeros(text.num_hidden_layers, 2, 1, text.num_key_value_heads, capacity, text.head_dim,
@@ -109,7 +113,7 @@ class Thinker(nn.Module):
             next_token, step_logits, rows = lm(ids, audio, torch.tensor([position]), *past)
             cache[:, :, :, :, position : position + ids.shape[1]] = rows
             position += ids.shape[1]
-            token = int(next_token[0])
+            token = int(next_token[0]) if forced is None else forced[len(tokens)]
             logits.append(step_logits[0])
             if token in eos_ids:
                 return Generation(tokens, logits, stopped=True)

@@ -9,6 +9,9 @@ cache at their position (the portable contract that TensorRT 10.3 also runs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnxruntime as ort
 
@@ -27,6 +30,25 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return options
 
 
+class Sessions:
+    """Graph name -> ONNX Runtime session. The large graph (decoder or aligner) loads in a
+    background thread, so its seconds of weight packing overlap the audio's frontend and encoder
+    instead of adding to the time to the first token; a load error surfaces on first use."""
+
+    BACKGROUND = ("decoder", "aligner")
+
+    def __init__(self, load: Callable[[str], ort.InferenceSession], names: list[str]):
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = {name: self.pool.submit(load, name) for name in names if name in self.BACKGROUND}
+        self.ready = {name: load(name) for name in names if name not in self.BACKGROUND}
+        self.pool.shutdown(wait=False)
+
+    def __getitem__(self, name: str) -> ort.InferenceSession:
+        if name not in self.ready:
+            self.ready[name] = self.pending.pop(name).result()
+        return self.ready[name]
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -34,7 +56,7 @@ class OnnxRuntimeBackend(Backend):
         self.bundle = bundle
         self.providers = providers or ["CPUExecutionProvider"]
         self.options = session_options(threads)
-        self.sessions = {name: self._session(name) for name in bundle.manifest["graphs"]}
+        self.sessions = Sessions(self._session, list(bundle.manifest["graphs"]))
         model = bundle.model["text"]
         self.cache_shape = (model["num_hidden_layers"], 2, 1, model["num_key_value_heads"], 0, model["head_dim"])
         self.hidden_size = model["hidden_size"]
