@@ -93,9 +93,13 @@ class OnnxRuntimeBackend(Backend):
         self.step_rows = np.zeros((layers, two, batch, heads, 1, dim), dtype=np.float32)
         self.step_binding = self._bind(self.step_ids, self.step_audio, self.step_position, self.step_rows)
 
-    def _bind(self, ids, audio, position, rows) -> ort.IOBinding:
+    def _bind(self, ids, audio, position, rows, filled: int | None = None) -> ort.IOBinding:
+        """Bind a decoder call. The decode step reads the whole cache in place (masked past
+        `position`); a prefill chunk gets copies of only the `filled` rows, since attention over
+        the empty capacity would cost it seconds per chunk, growing with the budget."""
         binding = self.sessions["decoder"].io_binding()
-        layers = [self.cache[layer, kind] for layer in range(len(self.cache)) for kind in (0, 1)]
+        blocks = (self.cache[layer, kind] for layer in range(len(self.cache)) for kind in (0, 1))
+        layers = [block if filled is None else np.ascontiguousarray(block[:, :, :filled]) for block in blocks]
         inputs = zip(["input_ids", "audio_embeds", "position", *cache_names(len(self.cache))],
                      [ids, audio, position, *layers])
         for name, array in inputs:
@@ -114,7 +118,7 @@ class OnnxRuntimeBackend(Backend):
             rows = np.empty(self.step_rows.shape[:4] + (new, self.step_rows.shape[5]), dtype=np.float32)
             binding = self._bind(np.ascontiguousarray(input_ids, dtype=np.int64),
                                  np.ascontiguousarray(audio_embeds, dtype=np.float32),
-                                 np.array([position], dtype=np.int64), rows)
+                                 np.array([position], dtype=np.int64), rows, filled=position)
         self.sessions["decoder"].run_with_iobinding(binding)
         self.cache[:, :, :, :, position : position + new] = rows
         return int(self.next_token[0])
