@@ -26,7 +26,7 @@ def test_write_section_replaces_only_its_own_markers(tmp_path):
 
 
 def test_report_ratios_against_official_fp32():
-    run = dict(cold_start=10.0, frontend=0.1, encoder=2.0, ttft=4.0, decode_ms=200.0, rtf=1.0, peak_rss_gb=4.0,
+    run = dict(load=5.0, cold_start=10.0, frontend=0.1, encoder=2.0, ttft=4.0, decode_ms=200.0, rtf=1.0, peak_rss_gb=4.0,
                prompt_tokens=150)
     faster = {**run, "encoder": 1.0, "decode_ms": 100.0}
     rows = [{"model": "0.6b", "seconds": 10, "system": "official-fp32", "runs": [run]},
