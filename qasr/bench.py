@@ -132,8 +132,19 @@ def _run_worker(args) -> dict:
         result = _official_worker(args, args.worker.rsplit("-", 1)[1])
     result["load"] = result.pop("loaded_at") - spawned
     result["cold_start"] = result.pop("first_token_at") - spawned
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    result["peak_rss_gb"] = peak_rss_gb()
     return result
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. On Linux the high-water mark of its own address space
+    (VmHWM): ru_maxrss also carries the parent's peak across fork and exec, so a worker spawned
+    after the parent exported a bundle would report the export's 20 GB."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1e6
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def _qasr_worker(args) -> dict:
