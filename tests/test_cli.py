@@ -38,7 +38,7 @@ def test_transcribe_json_carries_the_contract(capsys, bundle):
     result = json.loads(out)
     assert code == 0 and result["language"] == "German" and result["audio"] == DE
     assert len(result["token_ids"]) == 4 and result["truncated"] is True
-    assert {"frontend", "encoder", "prefill", "decode", "total"} <= set(result["timings"])
+    assert {"audio", "frontend", "encoder", "setup", "prefill", "decode", "total"} <= set(result["timings"])
     assert "token budget ran out" in err
 
 

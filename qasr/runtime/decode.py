@@ -24,6 +24,7 @@ class Decoded:
     tokens: list[int]            # generated ids, end-of-sequence excluded
     stopped: bool                # an end-of-sequence id ended the run (False: the budget did)
     logits: list[np.ndarray] = field(default_factory=list)  # per step, only when asked for
+    setup_seconds: float = 0.0   # backend.begin: the cache, and on a first call a decoder still loading
     prefill_seconds: float = 0.0
 
 
@@ -40,6 +41,7 @@ def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray,
                   budget: int, eos_ids: tuple[int, ...], keep_logits: bool = False,
                   on_token: Callable[[int], None] | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Decoded:
     """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order."""
+    began = time.perf_counter()
     backend.begin(len(prompt) + budget)
     ids = np.asarray(prompt, dtype=np.int64)[None]
     is_audio = ids[0] == audio_token
@@ -50,7 +52,7 @@ def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray,
         end = min(begin + prefill_chunk, len(prompt))
         rows = audio_embeds[audio_before[begin] : audio_before[end]]
         token = backend.decode(ids[:, begin:end], rows[None] if len(rows) else filler, begin)
-    result = Decoded([], stopped=False, prefill_seconds=time.perf_counter() - start)
+    result = Decoded([], stopped=False, setup_seconds=start - began, prefill_seconds=time.perf_counter() - start)
     step = np.zeros((1, 1), dtype=np.int64)
     position = len(prompt)
     while True:

@@ -37,7 +37,9 @@ class Transcript:
     audio: str | None = None       # the source (path) when there is one
     duration: float = 0.0          # seconds of audio
     words: list[Word] | None = None
-    timings: dict[str, float] = field(default_factory=dict)   # seconds per stage
+    # seconds per stage: audio (read, resample), frontend, encoder, setup (KV cache; on the first
+    # call also the wait for a decoder still loading), prefill, decode, align; total; rtf
+    timings: dict[str, float] = field(default_factory=dict)
     truncated: bool = False        # a token budget cut the text; reported, never hidden
 
 

@@ -77,7 +77,7 @@ class Transcriber:
         start = time.perf_counter()
         wave = load_audio(audio, sample_rate)
         name = source_path(audio)
-        timings = {"load": time.perf_counter() - start}
+        timings = {"audio": time.perf_counter() - start}
         parts = split_long_audio(wave, ALIGN_SECONDS if aligner else MAX_SECONDS)
         texts, languages, tokens, words, truncated = [], [], [], [], False
         for piece, offset in parts:
@@ -115,8 +115,9 @@ class Transcriber:
         with (_Progress(self.tokenizer, budget) if progress else nullcontext()) as bar:
             decoded = greedy_decode(self.backend, prompt, embeds, self.audio_token, budget, self.eos_ids,
                                     on_token=bar.update if bar else None)
+        add_time(timings, "setup", decoded.setup_seconds)
         add_time(timings, "prefill", decoded.prefill_seconds)
-        add_time(timings, "decode", time.perf_counter() - start - decoded.prefill_seconds)
+        add_time(timings, "decode", time.perf_counter() - start - decoded.setup_seconds - decoded.prefill_seconds)
         return decoded
 
 
