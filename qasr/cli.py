@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     align.set_defaults(run=run_align)
 
     commands.add_parser("bench", help="benchmark against the official backend (`qasr bench --help`)")
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible server and a web page (needs the serve extra)")
+    serve.add_argument("--model", required=True, help="the ASR model: a bundle directory")
+    serve.add_argument("--aligner", help="a forced-aligner bundle: word times, srt and vtt")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("QASR_API_KEY"),
+                       help="require this key (Authorization: Bearer KEY); default $QASR_API_KEY")
+    serve.add_argument("--max-upload-mb", type=float, default=100.0, help="largest upload accepted (413 past it)")
+    serve.add_argument("--max-queue", type=_positive, default=16, help="requests that may wait (429 past it)")
+    serve.add_argument("--max-new-tokens", type=_positive, help="cap the token budget per request")
+    serve.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
+    serve.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, time given to work in flight")
+    _backend_options(serve)
+    serve.set_defaults(run=run_serve)
 
     info = commands.add_parser("info", help="describe a checkpoint directory and check its files")
     info.add_argument("path", type=Path, help="a Hugging Face checkpoint directory")
@@ -208,6 +224,20 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from qasr.serve import require_extra
+
+    require_extra()
+    from qasr.serve.server import serve
+    from qasr.serve.service import Options
+
+    options = Options(model=args.model, aligner=args.aligner, backend=args.backend, threads=args.threads,
+                      api_key=args.api_key or None, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
+                      max_new_tokens=args.max_new_tokens, cors_origins=args.cors_origin,
+                      drain_seconds=args.drain_seconds)
+    return serve(options, args.host, args.port)
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ reported in `Transcript.truncated`, never hidden.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -65,13 +65,15 @@ class Transcriber:
 
     def transcribe(self, audio, language: str | None = None, context: str = "",
                    max_new_tokens: int | None = None, sample_rate: int | None = None,
-                   aligner: Aligner | None = None, progress: bool = False) -> Transcript:
+                   aligner: Aligner | None = None, progress: bool = False,
+                   on_token: Callable[[int], None] | None = None) -> Transcript:
         """Transcribe one recording (a path, bytes, a binary file, or an array with its rate).
 
         `language` forces the output language (else it is identified); `context` is background
         text (names, terms, a previous transcript) the model may use; `max_new_tokens` caps the
         budget, which otherwise grows with the audio; `aligner` adds word times (the audio is
-        then cut into parts of at most 180 s, as the official package does for timestamps).
+        then cut into parts of at most 180 s, as the official package does for timestamps);
+        `on_token` sees each generated id as it comes (the server streams text from it).
         """
         forced = check_language(language, self.languages) if language else None
         start = time.perf_counter()
@@ -84,7 +86,7 @@ class Transcriber:
             embeds = embed_audio(self.backend, piece, self.window_frames, timings, name or "<audio>")
             budget = token_budget(len(piece) / SAMPLE_RATE)
             budget = min(budget, max_new_tokens) if max_new_tokens else budget
-            decoded = self._decode(embeds, context, forced, budget, timings, progress)
+            decoded = self._decode(embeds, context, forced, budget, timings, progress, on_token)
             found, text = parse_output(self.tokenizer.decode(decoded.tokens), forced)
             if aligner and text.strip():
                 start_align = time.perf_counter()
@@ -109,12 +111,12 @@ class Transcriber:
             except QasrError as exc:
                 yield audio, exc
 
-    def _decode(self, embeds, context, language, budget, timings, progress):
+    def _decode(self, embeds, context, language, budget, timings, progress, on_token=None):
         prompt = prompt_ids(self.tokenizer, context, language, len(embeds))
         start = time.perf_counter()
-        with (_Progress(self.tokenizer, budget) if progress else nullcontext()) as bar:
+        with (_Progress(self.tokenizer, budget, on_token) if progress else nullcontext()) as bar:
             decoded = greedy_decode(self.backend, prompt, embeds, self.audio_token, budget, self.eos_ids,
-                                    on_token=bar.update if bar else None)
+                                    on_token=bar.update if bar else on_token)
         add_time(timings, "setup", decoded.setup_seconds)
         add_time(timings, "prefill", decoded.prefill_seconds)
         add_time(timings, "decode", time.perf_counter() - start - decoded.setup_seconds - decoded.prefill_seconds)
@@ -124,9 +126,10 @@ class Transcriber:
 class _Progress:
     """A progress bar over the token budget that shows the end of the text written so far."""
 
-    def __init__(self, tokenizer: Tokenizer, budget: int):
+    def __init__(self, tokenizer: Tokenizer, budget: int, on_token: Callable[[int], None] | None = None):
         from tqdm import tqdm
 
+        self.on_token = on_token
         self.bar = tqdm(total=budget, unit="tok", desc="decoding", leave=False)
         self.text = IncrementalDecoder(tokenizer)
         self.tail = ""
@@ -135,6 +138,8 @@ class _Progress:
         self.tail = (self.tail + self.text.push(token_id))[-40:]
         self.bar.set_postfix_str(self.tail.replace("\n", " "), refresh=False)
         self.bar.update()
+        if self.on_token:
+            self.on_token(token_id)
 
     def __enter__(self) -> _Progress:
         return self

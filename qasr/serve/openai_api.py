@@ -1,0 +1,286 @@
+"""OpenAI's audio API over the runtime: `/v1/audio/transcriptions`, `/v1/models`, the error body.
+
+Fields follow OpenAI's reference (and the `openai` SDK's types). What cannot be honoured is
+refused with a 400 that says why: decoding is greedy, so a temperature other than 0 is an
+error, not silently ignored; word times and subtitles need the forced aligner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from qasr.errors import QasrError, UsageError
+from qasr.runtime.audio import SAMPLE_RATE, load_audio
+from qasr.runtime.formats import render, subtitle_segments
+from qasr.runtime.prompt import ASR_TEXT, check_language
+from qasr.runtime.tokenizer import IncrementalDecoder
+from qasr.serve.service import Busy, Disconnected, Service
+
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+# ISO-639-1 codes (as OpenAI takes them) of the model languages; Cantonese and Filipino have
+# none of their own, so their ISO-639-3 codes (and Tagalog's tl) are taken too.
+ISO_639 = {
+    "zh": "Chinese", "en": "English", "yue": "Cantonese", "ar": "Arabic", "de": "German", "fr": "French",
+    "es": "Spanish", "pt": "Portuguese", "id": "Indonesian", "it": "Italian", "ko": "Korean", "ru": "Russian",
+    "th": "Thai", "vi": "Vietnamese", "ja": "Japanese", "tr": "Turkish", "hi": "Hindi", "ms": "Malay",
+    "nl": "Dutch", "sv": "Swedish", "da": "Danish", "fi": "Finnish", "pl": "Polish", "cs": "Czech",
+    "fil": "Filipino", "tl": "Filipino", "fa": "Persian", "el": "Greek", "ro": "Romanian", "hu": "Hungarian",
+    "mk": "Macedonian",
+}
+
+
+class ApiError(Exception):
+    """An error a client gets as OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind, self.headers = status, param, code, kind, headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    @classmethod
+    def busy(cls, exc: Busy) -> ApiError:
+        kind = "rate_limit_error" if exc.status == 429 else "server_error"
+        return cls(exc.status, str(exc), code=exc.code, kind=kind, headers={"Retry-After": str(exc.retry_after)})
+
+
+@dataclass
+class Job:
+    """One transcription request, checked: everything the worker needs and nothing from the client's naming."""
+
+    upload: object          # the spooled upload (a binary file; its client-side name is never used)
+    language: str | None
+    context: str
+    response_format: str
+    words: bool
+    stream: bool
+
+    @property
+    def needs_aligner(self) -> bool:
+        return self.words or self.response_format in ("srt", "vtt")
+
+
+def language_name(value: str, supported: list[str]) -> str:
+    """An ISO-639-1 code (OpenAI's convention) or a model language name -> the model's name."""
+    code = value.strip().lower()
+    return check_language(ISO_639.get(code, value), supported)
+
+
+async def parse_form(request: Request, service: Service) -> Job:
+    """The multipart form, checked field by field; a bad field is a 400 naming it."""
+    form = await request.form(max_files=1, max_fields=32)
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, "no audio: send the recording as the multipart file field 'file'", "file")
+    if upload.size == 0:
+        raise ApiError(400, "the uploaded file is empty (0 bytes)", "file")
+    response_format = str(form.get("response_format") or "json")
+    if response_format not in RESPONSE_FORMATS:
+        raise ApiError(400, f"unsupported response_format {response_format!r}; choose one of "
+                            f"{', '.join(RESPONSE_FORMATS)}", "response_format")
+    temperature = form.get("temperature")
+    if temperature not in (None, ""):
+        try:
+            value = float(str(temperature))
+        except ValueError:
+            raise ApiError(400, f"temperature {temperature!r} is not a number", "temperature") from None
+        if value != 0:
+            raise ApiError(400, f"temperature {value:g} is not supported: decoding is greedy (use 0)", "temperature")
+    granularities = [str(g) for g in form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")]
+    unknown = set(granularities) - {"word", "segment"}
+    if unknown:
+        raise ApiError(400, f"unknown timestamp granularity {sorted(unknown)[0]!r}; use word or segment",
+                       "timestamp_granularities")
+    words = "word" in granularities
+    if words and response_format != "verbose_json":
+        raise ApiError(400, "timestamp_granularities needs response_format verbose_json", "timestamp_granularities")
+    stream = str(form.get("stream") or "false").lower() == "true"
+    if stream and response_format not in ("json", "text"):
+        raise ApiError(400, f"stream=true sends text events; response_format {response_format} cannot stream",
+                       "stream")
+    parsed = Job(upload, None, str(form.get("prompt") or ""), response_format, words, stream)
+    if parsed.needs_aligner and service.aligner is None:
+        what = "word timestamps" if words else f"{response_format} subtitles"
+        raise ApiError(400, f"{what} need the forced aligner: start the server with --aligner BUNDLE",
+                       "timestamp_granularities" if words else "response_format")
+    language = str(form.get("language") or "").strip()
+    if language:
+        try:
+            parsed.language = language_name(language, service.model.languages)
+        except UsageError as exc:
+            raise ApiError(400, str(exc), "language") from None
+    return parsed
+
+
+def transcribe_upload(service: Service, req: Job, on_token=None):
+    """On the worker: decode the upload once, then the same Transcriber call as `qasr transcribe`."""
+    import soundfile as sf
+
+    started = time.perf_counter()
+    wave = load_audio(req.upload.file)
+    req.upload.file.seek(0)
+    info = sf.info(req.upload.file)
+    decoded = time.perf_counter() - started
+    result = service.model.transcribe(wave, sample_rate=SAMPLE_RATE, language=req.language, context=req.context,
+                                      max_new_tokens=service.options.max_new_tokens,
+                                      aligner=service.aligner if req.needs_aligner else None, on_token=on_token)
+    result.timings["audio"] += decoded
+    result.timings["total"] += decoded
+    result.timings["rtf"] = result.timings["total"] / result.duration
+    facts = {"sample_rate": info.samplerate, "channels": info.channels, "format": info.format}
+    return result, facts
+
+
+def verbose_json(result, facts: dict) -> dict:
+    """OpenAI's verbose transcription: one segment per subtitle cue with word times, else one for the clip."""
+    if result.words:
+        cues = subtitle_segments(result.text, result.words)
+        segments = [{"id": n, "seek": 0, "start": c.start, "end": c.end, "text": c.text, "tokens": [],
+                     "temperature": 0.0} for n, c in enumerate(cues)]
+    else:
+        segments = [{"id": 0, "seek": 0, "start": 0.0, "end": result.duration, "text": result.text,
+                     "tokens": list(result.token_ids), "temperature": 0.0}] if result.text else []
+    out = {"task": "transcribe", "language": result.language, "duration": result.duration, "text": result.text,
+           "segments": segments, "usage": {"type": "duration", "seconds": result.duration},
+           "qasr": {"timings": result.timings, "truncated": result.truncated, "audio": facts}}
+    if result.words is not None:
+        out["words"] = [{"word": w.text, "start": w.start, "end": w.end} for w in result.words]
+    return out
+
+
+def respond(req: Job, result, facts: dict) -> Response:
+    fmt = req.response_format
+    if fmt == "json":
+        return JSONResponse({"text": result.text, "usage": {"type": "duration", "seconds": result.duration}})
+    if fmt == "verbose_json":
+        return JSONResponse(verbose_json(result, facts))
+    media = {"text": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt"}[fmt]
+    return PlainTextResponse(render(result, "txt" if fmt == "text" else fmt), media_type=media)
+
+
+class TextDeltas:
+    """Visible text from generated ids as they come: what follows `<asr_text>` (all of it when the
+    language was forced, since the prompt then holds the metadata). The final event carries the
+    parsed text, which is what `qasr transcribe` prints."""
+
+    def __init__(self, tokenizer, forced: bool):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.raw = ""
+        self.sent = 0
+        self.forced = forced
+
+    def push(self, token_id: int) -> str:
+        self.raw += self.decoder.push(token_id)
+        if self.forced:
+            visible = self.raw.lstrip()
+        elif ASR_TEXT in self.raw:
+            visible = self.raw.split(ASR_TEXT, 1)[1].lstrip()
+        else:
+            return ""
+        delta, self.sent = visible[self.sent:], len(visible)
+        return delta
+
+
+async def transcriptions(request: Request, service: Service) -> Response:
+    try:
+        service.admit()
+    except Busy as exc:
+        raise ApiError.busy(exc) from None
+    admitted = True
+    try:
+        req = await parse_form(request, service)
+        if req.stream:
+            admitted = False  # the stream's generator leaves the queue when it ends
+            return await stream_events(request, service, req)
+        try:
+            (result, facts), queued = await service.run(lambda: transcribe_upload(service, req),
+                                                        request.is_disconnected)
+        except QasrError as exc:
+            raise ApiError(400, str(exc).replace("<file>", "file"), "file") from None
+        service.metrics.record(result, queued)
+        request.state.audio_seconds = result.duration
+        return respond(req, result, facts)
+    finally:
+        if admitted:
+            service.leave()
+
+
+async def stream_events(request: Request, service: Service, req: Job) -> Response:
+    """`stream=true`: server-sent events transcript.text.delta ... transcript.text.done.
+
+    The worker pushes deltas through a thread-safe hand-off; a client that goes away sets a flag
+    the worker checks at every token, so an abandoned stream stops decoding at once.
+    """
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    cancelled = False
+    deltas = TextDeltas(service.model.tokenizer, forced=req.language is not None)
+
+    def on_token(token_id: int) -> None:
+        if cancelled:
+            raise Disconnected()
+        delta = deltas.push(token_id)
+        if delta:
+            loop.call_soon_threadsafe(events.put_nowait, ("delta", delta))
+
+    async def work():
+        try:
+            (result, facts), queued = await service.run(lambda: transcribe_upload(service, req, on_token),
+                                                        request.is_disconnected)
+            service.metrics.record(result, queued)
+            request.state.audio_seconds = result.duration
+            await events.put(("done", result))
+        except QasrError as exc:
+            await events.put(("error", ApiError(400, str(exc).replace("<file>", "file"), "file")))
+        except Disconnected:
+            await events.put(("gone", None))
+        finally:
+            service.leave()
+
+    service.tasks.add(task := asyncio.create_task(work()))
+    task.add_done_callback(service.tasks.discard)
+    first = await events.get()
+    if first[0] == "error":
+        raise first[1]
+
+    async def body():
+        nonlocal cancelled
+        item = first
+        try:
+            while True:
+                kind, value = item
+                if kind == "delta":
+                    yield _sse({"type": "transcript.text.delta", "delta": value})
+                elif kind == "done":
+                    yield _sse({"type": "transcript.text.done", "text": value.text,
+                                "usage": {"type": "duration", "seconds": value.duration}})
+                    return
+                else:
+                    error = value if kind == "error" else ApiError(499, "the client went away")
+                    yield _sse({"type": "error", **error.body()})
+                    return
+                item = await events.get()
+        finally:
+            cancelled = True  # the worker stops at its next token and leaves the queue itself
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(event: dict) -> str:
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def models(service: Service) -> dict:
+    return {"object": "list", "data": [{"id": service.model_id, "object": "model", "created": int(service.loaded_at),
+                                        "owned_by": "qasr"}]}

@@ -1,0 +1,52 @@
+"""A real uvicorn server on a free loopback port, for the server tests (in this process, one thread)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx2 as httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningServer:
+    """`qasr serve` with these options until stop(); url is its base address."""
+
+    def __init__(self, options):
+        import uvicorn
+
+        from qasr.serve.app import create_app
+        from qasr.serve.service import Service
+
+        self.service = Service(options)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(self.service), host="127.0.0.1", port=self.port, access_log=False,
+                                log_level="warning", timeout_graceful_shutdown=options.drain_seconds)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        self.wait_ready()
+
+    def wait_ready(self, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.service.state == "failed":
+                raise RuntimeError(self.service.error)
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready in {seconds} s (state {self.service.state})")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
