@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=_positive, default=16, help="requests that may wait (429 past it)")
     serve.add_argument("--max-new-tokens", type=_positive, help="cap the token budget per request")
     serve.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
-    serve.add_argument("--drain-seconds", type=float, default=30.0, help="on SIGTERM, time given to work in flight")
+    serve.add_argument("--drain-seconds", type=int, default=30, help="on SIGTERM, time given to work in flight")
     _backend_options(serve)
     serve.set_defaults(run=run_serve)
 

@@ -14,7 +14,7 @@ def require_extra() -> None:
     """One line naming the extra when the server's packages are missing."""
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart, for uploads)
+        import multipart  # type: ignore[import-untyped]  # noqa: F401  (python-multipart, for uploads)
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:

@@ -197,11 +197,15 @@ class UploadLimit:
         mb = self.limit / (1024 * 1024)
         error = ApiError(413, f"the upload is larger than the server's {mb:g} MB limit (--max-upload-mb)",
                          "file", "file_too_large")
-        await error.response()({"type": "http"}, None, send)
+        await error.response()({"type": "http"}, _no_body, send)
 
 
 class _TooLarge(Exception):
     pass
+
+
+async def _no_body() -> dict:
+    return {"type": "http.disconnect"}
 
 
 class AccessLog:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from fastapi import Request
+from starlette.datastructures import UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from qasr.errors import QasrError, UsageError
@@ -59,7 +60,7 @@ class ApiError(Exception):
 class Job:
     """One transcription request, checked: everything the worker needs and nothing from the client's naming."""
 
-    upload: object          # the spooled upload (a binary file; its client-side name is never used)
+    upload: UploadFile      # the spooled upload (a binary file; its client-side name is never used)
     language: str | None
     context: str
     response_format: str
@@ -81,7 +82,7 @@ async def parse_form(request: Request, service: Service) -> Job:
     """The multipart form, checked field by field; a bad field is a 400 naming it."""
     form = await request.form(max_files=1, max_fields=32)
     upload = form.get("file")
-    if upload is None or isinstance(upload, str):
+    if not isinstance(upload, UploadFile):
         raise ApiError(400, "no audio: send the recording as the multipart file field 'file'", "file")
     if upload.size == 0:
         raise ApiError(400, "the uploaded file is empty (0 bytes)", "file")
@@ -125,7 +126,7 @@ async def parse_form(request: Request, service: Service) -> Job:
 
 def transcribe_upload(service: Service, req: Job, on_token=None):
     """On the worker: decode the upload once, then the same Transcriber call as `qasr transcribe`."""
-    import soundfile as sf
+    import soundfile as sf  # type: ignore[import-untyped]
 
     started = time.perf_counter()
     wave = load_audio(req.upload.file)
@@ -208,6 +209,8 @@ async def transcriptions(request: Request, service: Service) -> Response:
                                                         request.is_disconnected)
         except QasrError as exc:
             raise ApiError(400, str(exc).replace("<file>", "file"), "file") from None
+        except Disconnected:
+            raise ApiError(499, "the client closed the connection while its request was queued") from None
         service.metrics.record(result, queued)
         request.state.audio_seconds = result.duration
         return respond(req, result, facts)

@@ -17,11 +17,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qasr.errors import QasrError
 from qasr.runtime.audio import SAMPLE_RATE
+
+if TYPE_CHECKING:
+    from qasr.runtime.align import Aligner
+    from qasr.runtime.transcribe import Transcriber
 
 log = logging.getLogger("qasr.serve")
 WORKERS = 1
@@ -41,7 +46,7 @@ class Options:
     max_queue: int = 16
     max_new_tokens: int | None = None
     cors_origins: list[str] = field(default_factory=list)
-    drain_seconds: float = 30.0
+    drain_seconds: int = 30
 
 
 class Busy(Exception):
@@ -72,6 +77,8 @@ class Metrics:
         self.stage_seconds = Histogram("qasr_stage_seconds", "seconds per pipeline stage", ["stage"],
                                        buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
                                        registry=self.registry)
+        self.dropped = Counter("qasr_dropped", "queued requests dropped because their client left",
+                               registry=self.registry)
         self.realtime_sessions = Gauge("qasr_realtime_sessions", "open realtime WebSocket sessions",
                                        registry=self.registry)
 
@@ -94,14 +101,15 @@ class Service:
 
     def __init__(self, options: Options):
         self.options = options
-        self.model = None
-        self.aligner = None
+        self.model: Transcriber = None  # type: ignore[assignment]  # set once loaded (state "ready")
+        self.aligner: Aligner | None = None
         self.state = "loading"       # loading -> ready | failed; draining at shutdown
         self.error: str | None = None
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="qasr-infer")
         self.admitted = 0
         self.slots: asyncio.Semaphore | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once it runs
         self.tasks: set = set()         # stream workers in flight (held so they are not collected)
         self.loaded_at = 0.0
         self.on_failure = lambda: None  # the runner stops the server when loading fails
@@ -109,6 +117,7 @@ class Service:
     # -- loading -------------------------------------------------------------------------
 
     def start_loading(self) -> None:
+        self.loop = asyncio.get_running_loop()
         threading.Thread(target=self._load, name="qasr-load", daemon=True).start()
 
     def _load(self) -> None:
@@ -173,6 +182,7 @@ class Service:
         try:
             while not (await asyncio.wait({acquire}, timeout=0.2))[0]:
                 if gone and await gone():
+                    self.metrics.dropped.inc()
                     raise Disconnected()
         except BaseException:
             if not acquire.cancel() and not acquire.cancelled():
@@ -186,4 +196,5 @@ class Service:
 
     async def drain(self) -> None:
         """Refuse new work; uvicorn then waits for what is in flight (--drain-seconds)."""
-        self.state = "draining"
+        if self.state == "ready":
+            self.state = "draining"
