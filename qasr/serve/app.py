@@ -86,7 +86,7 @@ def _routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/health")
     async def health():
-        body = {"status": service.state, "model": service.model_id}
+        body = {"status": service.state, "model": service.model_id, "key_required": bool(service.options.api_key)}
         if service.error:
             body["error"] = service.error
         return JSONResponse(body, status_code=200 if service.state == "ready" else 503)

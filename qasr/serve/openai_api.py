@@ -104,9 +104,9 @@ async def parse_form(request: Request, service: Service) -> Job:
         raise ApiError(400, f"unknown timestamp granularity {sorted(unknown)[0]!r}; use word or segment",
                        "timestamp_granularities")
     words = "word" in granularities
-    if words and response_format != "verbose_json":
-        raise ApiError(400, "timestamp_granularities needs response_format verbose_json", "timestamp_granularities")
     stream = str(form.get("stream") or "false").lower() == "true"
+    if words and not (response_format == "verbose_json" or stream):
+        raise ApiError(400, "timestamp_granularities needs response_format verbose_json", "timestamp_granularities")
     if stream and response_format not in ("json", "text"):
         raise ApiError(400, f"stream=true sends text events; response_format {response_format} cannot stream",
                        "stream")
@@ -158,6 +158,14 @@ def verbose_json(result, facts: dict) -> dict:
     if result.words is not None:
         out["words"] = [{"word": w.text, "start": w.start, "end": w.end} for w in result.words]
     return out
+
+
+def extension(result, facts: dict) -> dict:
+    """What the done event adds to OpenAI's fields (clients ignore it; the page shows it): the audio's
+    facts, timings, and the transcript in every format `qasr transcribe` writes."""
+    names = ("txt", "json", "srt", "vtt") if result.words is not None else ("txt", "json")
+    return {"language": result.language, "duration": result.duration, "audio": facts, "timings": result.timings,
+            "truncated": result.truncated, "files": {name: render(result, name) for name in names}}
 
 
 def respond(req: Job, result, facts: dict) -> Response:
@@ -243,7 +251,7 @@ async def stream_events(request: Request, service: Service, req: Job) -> Respons
                                                         request.is_disconnected)
             service.metrics.record(result, queued)
             request.state.audio_seconds = result.duration
-            await events.put(("done", result))
+            await events.put(("done", (result, facts)))
         except QasrError as exc:
             await events.put(("error", ApiError(400, str(exc).replace("<file>", "file"), "file")))
         except Disconnected:
@@ -266,8 +274,10 @@ async def stream_events(request: Request, service: Service, req: Job) -> Respons
                 if kind == "delta":
                     yield _sse({"type": "transcript.text.delta", "delta": value})
                 elif kind == "done":
-                    yield _sse({"type": "transcript.text.done", "text": value.text,
-                                "usage": {"type": "duration", "seconds": value.duration}})
+                    result, facts = value
+                    yield _sse({"type": "transcript.text.done", "text": result.text,
+                                "usage": {"type": "duration", "seconds": result.duration},
+                                "qasr": extension(result, facts)})
                     return
                 else:
                     error = value if kind == "error" else ApiError(499, "the client went away")
