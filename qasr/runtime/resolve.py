@@ -153,9 +153,12 @@ def _entry_problem(entry: Path, digest: str, weights: str) -> str | None:
         return "missing"
     try:
         record = json.loads((entry / ENTRY_RECORD).read_text(encoding="utf-8"))
-        Bundle.load(entry)
-    except (OSError, ValueError, QasrError):
-        return "incomplete"
+    except (OSError, ValueError):
+        return "incomplete (its record of the export is missing or unreadable)"
+    try:
+        Bundle.load(entry)  # also refuses a bundle of another format version, which is then re-exported
+    except QasrError as exc:
+        return f"unusable ({exc})"
     if record.get("sha256") != digest or record.get("weights") != weights:
         return "from another checkpoint"
     expected = record.get("files", {})
