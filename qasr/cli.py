@@ -16,6 +16,7 @@ from qasr import __version__
 from qasr.errors import QasrError, UsageError
 from qasr.export import tensorrt_build
 from qasr.runtime.backend import BACKENDS
+from qasr.runtime.resolve import DEFAULT_ALIGNER, DEFAULT_MODEL
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qasr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qasr ... | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,20 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a checkpoint to a bundle of ONNX graphs")
     export.add_argument("checkpoint", help="a local checkpoint directory, or a Hugging Face model id")
-    export.add_argument("--out", required=True, type=Path, help="the bundle directory to write")
+    export.add_argument("--out", type=Path, help="the bundle directory to write (default: into qasr's model "
+                        "cache, where --model finds it)")
     export.set_defaults(run=run_export)
 
     transcribe = commands.add_parser("transcribe", help="transcribe audio files with a bundle")
     transcribe.add_argument("audio", nargs="+", help="audio files (wav, flac, ogg, opus, mp3, ...)")
-    transcribe.add_argument("--model", required=True, type=Path, help="an ASR bundle directory")
+    _model_option(transcribe)
     transcribe.add_argument("--language", help="force the output language (default: identify it)")
     transcribe.add_argument("--context", default="", help="background text: names, terms, a previous transcript")
-    transcribe.add_argument("--max-new-tokens", type=_positive, help="cap the token budget (default grows with the audio)")
+    transcribe.add_argument("--max-new-tokens", type=_positive,
+                            help="the token budget per pass (default grows with the audio: 32 + 10 per second)")
     transcribe.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt",
                             help="srt and vtt need --aligner")
     transcribe.add_argument("--output-dir", type=Path, help="write one file per input here instead of to stdout")
-    transcribe.add_argument("--aligner", type=Path, help="a forced-aligner bundle, for word timestamps")
-    transcribe.add_argument("--timestamps", action="store_true", help="add word times (needs --aligner)")
+    transcribe.add_argument("--aligner", help=f"the forced aligner for word times (default with --timestamps or "
+                            f"srt/vtt: {DEFAULT_ALIGNER})")
+    transcribe.add_argument("--timestamps", action="store_true", help="add word times")
     _backend_options(transcribe)
     transcribe.set_defaults(run=run_transcribe)
 
@@ -70,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     align = commands.add_parser("align", help="time the words of a known transcript in its audio")
     align.add_argument("audio", help="an audio file (at most 180 s)")
     align.add_argument("text", help="the transcript, or a UTF-8 text file holding it")
-    align.add_argument("--aligner", required=True, type=Path, help="a forced-aligner bundle")
+    align.add_argument("--aligner", default=DEFAULT_ALIGNER, help="a forced-aligner bundle, checkpoint directory "
+                       f"or Hugging Face id (default: {DEFAULT_ALIGNER})")
     align.add_argument("--language", help="the transcript's language (default: guessed from its script)")
     align.add_argument("--format", choices=["json", "srt", "vtt"], default="json")
     _backend_options(align)
@@ -79,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("bench", help="benchmark against the official backend (`qasr bench --help`)")
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible server and a web page (needs the serve extra)")
-    serve.add_argument("--model", required=True, help="the ASR model: a bundle directory")
-    serve.add_argument("--aligner", help="a forced-aligner bundle: word times, srt and vtt")
+    _model_option(serve)
+    serve.add_argument("--aligner", help="a forced aligner (bundle, checkpoint or Hugging Face id): word times, "
+                       "srt and vtt")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("QASR_API_KEY"),
@@ -93,10 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_options(serve)
     serve.set_defaults(run=run_serve)
 
-    info = commands.add_parser("info", help="describe a checkpoint directory and check its files")
-    info.add_argument("path", type=Path, help="a Hugging Face checkpoint directory")
+    info = commands.add_parser("info", help="describe a model (bundle, checkpoint or hub id) and check its files")
+    info.add_argument("path", help="a bundle, a checkpoint directory or a Hugging Face id")
     info.set_defaults(run=run_info)
     return parser
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="a bundle, a checkpoint directory or a Hugging Face id[@revision]; a checkpoint is "
+                             f"exported once into the cache (default: {DEFAULT_MODEL})")
 
 
 def _backend_options(parser: argparse.ArgumentParser) -> None:
@@ -116,11 +131,17 @@ def _positive(text: str) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from qasr.export.onnx_export import export_bundle, resolve_checkpoint
+    from qasr.runtime.resolve import cached_export, checkpoint_dir, writable_dir
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    out = export_bundle(checkpoint, args.out, progress=lambda line: print(line, file=sys.stderr))
-    print(out)
+    if args.out is not None:  # before a download or an export is spent
+        writable_dir(args.out.parent, "the bundle's parent directory")
+    checkpoint = checkpoint_dir(args.checkpoint)
+    if args.out is None:
+        print(cached_export(checkpoint, name=args.checkpoint))
+        return 0
+    from qasr.export.onnx_export import export_bundle
+
+    print(export_bundle(checkpoint, args.out, progress=lambda line: print(line, file=sys.stderr)))
     return 0
 
 
@@ -128,14 +149,15 @@ def run_transcribe(args: argparse.Namespace) -> int:
     from qasr.runtime.align import Aligner
     from qasr.runtime.formats import render
     from qasr.runtime.prompt import check_language
+    from qasr.runtime.resolve import writable_dir
     from qasr.runtime.transcribe import Transcriber
 
+    if args.output_dir:
+        writable_dir(args.output_dir, "the output directory")
     timestamps = args.timestamps or args.format in ("srt", "vtt")
-    if timestamps and not args.aligner:
-        raise UsageError(f"{'--format ' + args.format if not args.timestamps else '--timestamps'} needs word "
-                         "times: add --aligner BUNDLE")
     model = Transcriber.load(args.model, backend=args.backend, threads=args.threads)
-    aligner = Aligner.load(args.aligner, backend=args.backend, threads=args.threads) if timestamps else None
+    aligner = (Aligner.load(args.aligner or DEFAULT_ALIGNER, backend=args.backend, threads=args.threads)
+               if timestamps else None)
     language = check_language(args.language, model.languages) if args.language else None
     names = _output_names(args.audio) if args.output_dir else {}
     failed = 0
@@ -146,19 +168,18 @@ def run_transcribe(args: argparse.Namespace) -> int:
             if isinstance(result, QasrError):
                 raise result
             text = render(result, args.format)
+            if result.truncated:
+                print(f"qasr: warning: {audio}: the token budget ran out after {len(result.token_ids)} tokens; "
+                      "the text may be cut (raise --max-new-tokens)", file=sys.stderr)
+            if args.output_dir:
+                _write(args.output_dir / f"{names[audio]}.{args.format}", text)
+            elif len(args.audio) > 1 and args.format == "txt":
+                print(f"==> {audio} <==\n{text}", end="", flush=True)
+            else:
+                print(text, end="", flush=True)
         except QasrError as exc:
             print(f"qasr: error: {exc}", file=sys.stderr)
             failed += 1
-            continue
-        if result.truncated:
-            print(f"qasr: warning: {audio}: the token budget ran out after {len(result.token_ids)} tokens; "
-                  "the text may be cut (raise --max-new-tokens)", file=sys.stderr)
-        if args.output_dir:
-            _write(args.output_dir / f"{names[audio]}.{args.format}", text)
-        elif len(args.audio) > 1 and args.format == "txt":
-            print(f"==> {audio} <==\n{text}", end="", flush=True)
-        else:
-            print(text, end="", flush=True)
     return 1 if failed else 0
 
 
@@ -219,11 +240,16 @@ def _output_names(paths: list[str]) -> dict[str, str]:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write through a temporary file, so an interrupted run never leaves half a result."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write through a temporary file, so an interrupted run never leaves half a result.
+
+    The directory was checked before any work (writable_dir); a failure here (a full disk) is one
+    line for this file, and the other files go on."""
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write the result ({exc.strerror or exc})") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -242,11 +268,24 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     from qasr.models.checkpoint import check_checkpoint, parameter_counts
-    from qasr.models.config import load_config
+    from qasr.models.config import ModelConfig, load_config
+    from qasr.runtime.bundle import MANIFEST, Bundle
+    from qasr.runtime.resolve import checkpoint_dir
 
-    config = load_config(args.path)
-    check_checkpoint(args.path, config)
-    print(describe_config(config, parameter_counts(config), str(args.path)))
+    if (Path(args.path) / MANIFEST).is_file():
+        bundle = Bundle.load(args.path)
+        config = ModelConfig.from_dict(bundle.model)
+        source = f"bundle {args.path} ({bundle.manifest['precision']}, from {bundle.manifest['source']['checkpoint']})"
+    else:
+        path = checkpoint_dir(args.path)
+        config = load_config(path)
+        try:
+            check_checkpoint(path, config)
+        except ImportError:
+            raise UsageError(f"{path}: checking a checkpoint's weight files needs the export extra: "
+                             'pip install "qwen3-asr-edge[export]"') from None
+        source = f"checkpoint {args.path}"
+    print(describe_config(config, parameter_counts(config), source))
     return 0
 
 
@@ -257,7 +296,7 @@ def describe_config(config, counts: dict[str, int], source: str) -> str:
             else "tied to the embedding" if config.tied_head else f"{t.vocab_size} rows, untied")
     sizes = ", ".join(f"{part} {_count(n)}" for part, n in counts.items() if n)
     return "\n".join([
-        f"{kind} checkpoint {source}",
+        f"{kind} {source}",
         f"  encoder     {a.encoder_layers} layers, d_model {a.d_model}, {a.encoder_attention_heads} heads, "
         f"ffn {a.encoder_ffn_dim}, conv {a.downsample_hidden_size} channels, {a.window_frames // 100} s windows",
         f"  projector   {a.d_model} -> {a.output_dim}",

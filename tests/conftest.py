@@ -5,6 +5,15 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """qasr's model cache for the whole session, never the user's ~/.cache/qasr (subprocesses inherit it)."""
+    import os
+
+    os.environ["QASR_CACHE"] = str(tmp_path_factory.mktemp("qasr-cache"))
+    return os.environ["QASR_CACHE"]
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(preset, seed=0) -> path of a random checkpoint directory (cached per session)."""
@@ -68,3 +77,31 @@ def speech():
         return np.concatenate(parts)[:n].astype(np.float32)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def hub_cache():
+    """hub_cache(root, repo, checkpoint) lays `checkpoint` out as huggingface_hub caches `repo`.
+
+    Blobs are named by their sha256, snapshot files are relative symlinks to them and refs/main
+    names the commit (`hub_cache.commit`), so the real huggingface_hub code resolves it offline.
+    """
+    import hashlib
+    import os
+    import shutil
+
+    def lay_out(root, repo: str, checkpoint):
+        storage = root / ("models--" + repo.replace("/", "--"))
+        snapshot = storage / "snapshots" / lay_out.commit
+        (storage / "blobs").mkdir(parents=True)
+        snapshot.mkdir(parents=True)
+        for file in sorted(checkpoint.iterdir()):
+            blob = storage / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+            shutil.copyfile(file, blob)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+        (storage / "refs").mkdir()
+        (storage / "refs" / "main").write_text(lay_out.commit)
+        return root
+
+    lay_out.commit = "0123456789abcdef0123456789abcdef01234567"
+    return lay_out

@@ -170,6 +170,22 @@ def test_cli_transcribe_subtitles(capsys, bundle):
     assert code == 0 and json.loads(out)["words"]
 
 
-def test_cli_subtitles_without_aligner_is_one_line(capsys, bundle):
-    code, _, err = _cli(capsys, "transcribe", EN, "--model", bundle("tiny"), "--format", "vtt")
-    assert code == 1 and err.strip() == "qasr: error: --format vtt needs word times: add --aligner BUNDLE"
+def test_cli_subtitles_without_aligner_use_the_default_aligner(bundle, checkpoint, tmp_path, hub_cache):
+    """srt/vtt and --timestamps need word times: without --aligner, the default aligner id is
+    resolved like any model (here from an offline hub cache, once missing, once holding it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    argv = [sys.executable, "-m", "qasr", "transcribe", EN, "--model", str(bundle("tiny-untied")),
+            "--max-new-tokens", "24"]
+    missing = subprocess.run([*argv, "--format", "vtt"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+    assert missing.stderr.startswith("qasr: error: Qwen/Qwen3-ForcedAligner-0.6B: not found in the Hugging Face hub")
+    hub_cache(tmp_path / "hub", "Qwen/Qwen3-ForcedAligner-0.6B", checkpoint("tiny-aligner"))
+    default = subprocess.run([*argv, "--timestamps", "--format", "json"], capture_output=True, text=True, env=env)
+    given = subprocess.run([*argv, "--aligner", str(bundle("tiny-aligner")), "--timestamps", "--format", "json"],
+                           capture_output=True, text=True, env=env)
+    assert default.returncode == given.returncode == 0, default.stderr
+    assert json.loads(default.stdout)["words"] == json.loads(given.stdout)["words"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 
 from qasr.cli import main
 
@@ -65,7 +66,7 @@ def test_output_names_do_not_collide(capsys, bundle, tmp_path):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--language", "Klingon"], "unsupported language 'Klingon'"),
-    (["--model", "/nowhere/bundle"], "no manifest.json"),
+    (["--model", "/nowhere/bundle"], "/nowhere/bundle: no such bundle or checkpoint directory"),
 ])
 def test_bad_options_one_line(capsys, bundle, argv, needle):
     args = ["transcribe", EN, "--model", bundle("tiny-untied"), *argv]
@@ -73,9 +74,33 @@ def test_bad_options_one_line(capsys, bundle, argv, needle):
     assert code == 1 and needle in _one_error_line(err)
 
 
-def test_checkpoint_given_as_bundle_says_export(capsys, checkpoint):
-    code, _, err = run(capsys, "transcribe", EN, "--model", checkpoint("tiny"))
-    assert code == 1 and "run `qasr export` on it first" in _one_error_line(err)
+@pytest.mark.parametrize("content", [b"my meeting notes, not audio\n" * 4, bytes(range(256)) * 12])
+@pytest.mark.parametrize("suffix", [".mp3", ".wav", ".flac", ".ogg", ".opus"])
+def test_not_audio_is_one_true_line(capfd, bundle, tmp_path, content, suffix):
+    """libsndfile hands unknown files to libmpg123, which wrote "Note: Illegal Audio-MPEG-Header ..."
+    to the terminal itself, and libsndfile then said the existing file did not exist."""
+    bad = tmp_path / f"notes{suffix}"
+    bad.write_bytes(content)
+    code = main(["transcribe", str(bad), "--model", str(bundle("tiny-untied"))])
+    out, err = capfd.readouterr()
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"qasr: error: {bad}: not a readable audio file (")
+    assert "does not exist" not in err
+
+
+@pytest.mark.parametrize("where", ["/proc/nope", "a-file", "a-file/below"])
+def test_output_dir_is_checked_before_any_work(capsys, tmp_path, monkeypatch, where):
+    """A wrong --output-dir is one line before the model loads (here: a model that does not exist)."""
+    monkeypatch.chdir(tmp_path)
+    Path("a-file").write_text("")
+    code, _, err = run(capsys, "transcribe", EN, "--model", "/nowhere/bundle", "--output-dir", where)
+    assert code == 1 and _one_error_line(err).startswith(f"qasr: error: {where}: ")
+    assert "output directory" in err
+
+
+def test_export_checks_its_target_before_loading(capsys, tmp_path):
+    code, _, err = run(capsys, "export", "someone/not-downloaded-yet", "--out", "/proc/nope/bundle")
+    assert code == 1 and "/proc/nope" in _one_error_line(err)
 
 
 @pytest.mark.parametrize("make", [

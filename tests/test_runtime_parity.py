@@ -114,3 +114,20 @@ def test_array_input_equals_file_input(models):
     from_array = ours.transcribe((wav, rate), max_new_tokens=6)
     assert from_array.token_ids == from_file.token_ids and from_array.audio is None
     assert np.isclose(from_array.duration, from_file.duration)
+
+
+@pytest.mark.parametrize("seconds", [0.4, 1.3, 5.0])
+def test_explicit_budget_is_the_budget_as_in_official(models, speech, tmp_path, seconds):
+    """`max_new_tokens=48` writes up to 48 tokens, as the official package does, even where the
+    default budget (32 + 10/s: 36, 45 and 82 tokens here) would be smaller or larger."""
+    official, ours = models("tiny-untied")
+    path = tmp_path / "clip.wav"
+    sf.write(path, speech(seconds, start=1), 16000, subtype="PCM_16")
+    official.max_new_tokens = 48
+    try:
+        expected, ids = official_transcribe(official, str(path))
+    finally:
+        official.max_new_tokens = BUDGET
+    result = ours.transcribe(str(path), max_new_tokens=48)
+    assert result.token_ids == ids and (result.text, result.language) == (expected.text, expected.language)
+    assert len(ids) == 48 and result.truncated  # this random model never stops early: the budget ends it

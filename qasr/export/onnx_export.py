@@ -7,7 +7,6 @@ to one external data file per graph; a tied head is the embedding initializer it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -17,47 +16,30 @@ import onnx
 import torch
 
 from qasr import __version__
-from qasr.errors import CheckpointError
+from qasr.errors import CheckpointError, UsageError
 from qasr.export.onnx_files import DATA_THRESHOLD, alias_shared_weights, graph_contract
-from qasr.models.checkpoint import weight_files
 from qasr.models.config import ModelConfig
 from qasr.models.thinker import EOS_IDS, Thinker
 from qasr.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, cache_names
+from qasr.runtime.resolve import checkpoint_digest, writable_dir
 from qasr.runtime.tokenizer import SOURCE_FILES, TOKENIZER_FILE, Tokenizer
 
 OPSET = 20
 
 
-def resolve_checkpoint(name: str) -> Path:
-    """A local checkpoint directory as is; anything else is taken as a Hugging Face model id."""
-    path = Path(name)
-    if path.is_dir():
-        return path
-    if path.exists() or name.count("/") != 1:
-        raise CheckpointError(f"{name}: not a checkpoint directory (nor a Hugging Face id like Qwen/Qwen3-ASR-0.6B)")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id=name))
-    except Exception as exc:  # offline, unknown repo, auth: the hub raises many types
-        raise CheckpointError(f"{name}: cannot download from the Hugging Face hub ({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print) -> Path:
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, weights: str = "fp32") -> Path:
     """Export a local checkpoint directory to a bundle directory.
 
     The bundle is written beside `out_dir` and moved into place only when complete, so a failed
     or interrupted export never leaves a half bundle or damages an existing one.
     """
     checkpoint, out = Path(checkpoint), Path(out_dir)
+    if weights != "fp32":
+        raise UsageError(f"--weights {weights}: only fp32 bundles are exported so far")
+    writable_dir(out.parent, "the bundle's parent directory")  # before a minute of work, not after
     progress(f"loading {checkpoint}")
     model = Thinker.from_pretrained(checkpoint)
     config = model.config
-    out.parent.mkdir(parents=True, exist_ok=True)
     graphs = {"encoder": export_encoder, "projector": export_projector}
     graphs.update({"aligner": export_aligner} if config.is_aligner else {"decoder": export_decoder})
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
@@ -163,15 +145,3 @@ def build_manifest(config: ModelConfig, contracts: dict, checkpoint: Path) -> di
         manifest["tokens"]["timestamp"] = config.timestamp_token_id
         manifest["aligner"] = {"classes": config.classify_num, "segment_ms": config.timestamp_segment_time}
     return manifest
-
-
-def checkpoint_digest(checkpoint: Path) -> str:
-    """sha256 over config.json and the weight files, in name order: which checkpoint a bundle came from."""
-    digest = hashlib.sha256()
-    files = [checkpoint / "config.json", *sorted(set(weight_files(checkpoint).values()))]
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()

@@ -12,15 +12,13 @@ import json
 import math
 import warnings
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError, safe_open
+from typing import TYPE_CHECKING
 
 from qasr.errors import CheckpointError
-from qasr.models.config import ModelConfig, load_config
+from qasr.models.config import INDEX_FILE, SINGLE_FILE, ModelConfig, load_config
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+if TYPE_CHECKING:  # torch and safetensors load on first read, so shapes and counts need neither
+    import torch
 ENCODER_PREFIX = "thinker.audio_tower."
 DECODER_PREFIX = "thinker.model."
 HEAD_NAME = "thinker.lm_head.weight"
@@ -122,6 +120,8 @@ def weight_files(checkpoint: Path) -> dict[str, Path]:
 
 
 def _open(path: Path):
+    from safetensors import SafetensorError, safe_open
+
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (listed in {INDEX_FILE})")
     try:
@@ -184,6 +184,8 @@ def load_weights(checkpoint: str | Path, config: ModelConfig | None = None) -> d
 
 
 def _read(f, path: Path, name: str) -> torch.Tensor:
+    from safetensors import SafetensorError
+
     try:
         return f.get_tensor(name).float()
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -192,6 +194,8 @@ def _read(f, path: Path, name: str) -> torch.Tensor:
 
 def _resolve_head(config: ModelConfig, tensors: dict, checkpoint: Path) -> dict[str, torch.Tensor]:
     """A tied head is embed_tokens, whatever else is stored (transformers ties them at load)."""
+    import torch
+
     if not config.tied_head:
         return tensors
     embed = tensors[EMBED_NAME]

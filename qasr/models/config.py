@@ -20,6 +20,8 @@ ASR_MODEL_TYPES = (ASR_MODEL_TYPE, "qwen3_asr_thinker")  # released json / offic
 ALIGNER_MODEL_TYPE = "qwen3_forced_aligner"
 AUDIO_START_ID, AUDIO_END_ID = 151669, 151670  # <|audio_start|>, <|audio_end|>
 MEL_BINS = 128
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """The inverse of to_dict: a bundle's manifest carries its model's config this way."""
+        return cls(**{**data, "audio": AudioConfig(**data["audio"]), "text": TextConfig(**data["text"]),
+                      "support_languages": tuple(data["support_languages"])})
 
 
 def load_config(checkpoint: str | Path) -> ModelConfig:

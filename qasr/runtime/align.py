@@ -15,6 +15,7 @@ from qasr.errors import BundleError, UsageError
 from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path
 from qasr.runtime.backend import Backend, open_backend
 from qasr.runtime.bundle import Bundle
+from qasr.runtime.resolve import DEFAULT_ALIGNER, resolve_model
 from qasr.runtime.embed import embed_audio
 from qasr.runtime.formats import Word
 from qasr.runtime.prompt import check_language
@@ -27,14 +28,14 @@ MAX_SECONDS = 180  # the official split length when timestamps are asked for
 class Aligner:
     """A loaded aligner bundle on one backend.
 
-    >>> aligner = Aligner.load("bundles/qwen3-forced-aligner")
+    >>> aligner = Aligner.load()  # Qwen/Qwen3-ForcedAligner-0.6B; or a bundle, a checkpoint dir, a hub id
     >>> aligner.align("talk.wav", "Hello world.", "English")
     [Word(text='Hello', start=0.32, end=0.64), Word(text='world', start=0.72, end=1.12)]
     """
 
     def __init__(self, bundle: Bundle, backend: Backend):
         if bundle.kind != "aligner":
-            raise BundleError(f"{bundle.path}: a {bundle.kind} bundle, not a forced aligner")
+            raise BundleError(f"{bundle.path}: a speech recognition bundle, not a forced aligner")
         self.bundle = bundle
         self.backend = backend
         self.tokenizer = Tokenizer.from_dir(bundle.path)
@@ -42,8 +43,11 @@ class Aligner:
         self.segment_ms = float(bundle.manifest["aligner"]["segment_ms"])
 
     @classmethod
-    def load(cls, bundle: str | Path, backend: str = "auto", threads: int | None = None) -> Aligner:
-        loaded = Bundle.load(bundle)
+    def load(cls, model: str | Path = DEFAULT_ALIGNER, backend: str = "auto", threads: int | None = None,
+             weights: str = "fp32") -> Aligner:
+        """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`);
+        a checkpoint is exported to a bundle at `weights` once, on first use, and cached."""
+        loaded = Bundle.load(resolve_model(model, "aligner", weights))
         return cls(loaded, open_backend(loaded, backend, threads))
 
     @property

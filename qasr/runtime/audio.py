@@ -16,6 +16,11 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import re
+import sys
+import tempfile
+import threading
+from contextlib import contextmanager
 from typing import BinaryIO, Union
 
 import numpy as np
@@ -93,14 +98,47 @@ def _decode(name: str, source: AudioSource) -> tuple[np.ndarray, int]:
     elif isinstance(source, io.TextIOBase):
         raise AudioError(f"{name}: a file opened in text mode; open it with 'rb'")
     try:
-        samples, rate = sf.read(source, dtype="float32", always_2d=True)
+        with _decoder_notes_silenced():
+            samples, rate = sf.read(source, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, OSError, ValueError, TypeError) as exc:
         raise AudioError(f"{name}: not a readable audio file ({_one_line(exc)})") from exc
     return samples, rate
 
 
+# libsndfile's message when no decoder takes a file; it names a missing file, but reaching it
+# means the file exists and is readable (checked above): it is not in a format libsndfile knows.
+_NOT_RECOGNISED = "File does not exist or is not a regular file"
+_DECODER_NOTE = re.compile(rb"^(Note|Warning|Error): |^\[src/libmpg123/")
+_stderr_lock = threading.Lock()
+
+
+@contextmanager
+def _decoder_notes_silenced():
+    """Keep libmpg123's notes ("Note: Illegal Audio-MPEG-Header ...") off the terminal.
+
+    libsndfile hands any file it cannot identify to libmpg123, which writes to file descriptor 2
+    itself, so the user saw three lines of noise before qasr's one line. Descriptor 2 goes to a
+    temporary file while the decoder runs; lines that are not the decoder's are written back.
+    """
+    with _stderr_lock, tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().splitlines(keepends=True) if not _DECODER_NOTE.match(line)]
+            if kept:
+                os.write(2, b"".join(kept))
+
+
 def _one_line(exc: Exception) -> str:
     detail = getattr(exc, "error_string", None) or str(exc) or type(exc).__name__
+    if _NOT_RECOGNISED in str(detail):
+        return "not a recognised audio format"
     return " ".join(str(detail).split())
 
 

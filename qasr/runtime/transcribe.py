@@ -22,6 +22,7 @@ from qasr.runtime.align import Aligner
 from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path, split_long_audio
 from qasr.runtime.backend import Backend, open_backend
 from qasr.runtime.bundle import Bundle
+from qasr.runtime.resolve import DEFAULT_MODEL, resolve_model
 from qasr.runtime.decode import greedy_decode, token_budget
 from qasr.runtime.embed import add_time, embed_audio
 from qasr.runtime.formats import Transcript
@@ -35,13 +36,13 @@ MAX_SECONDS = 1200  # the official one-pass limit; longer audio is split near ea
 class Transcriber:
     """A loaded ASR bundle on one backend.
 
-    >>> model = Transcriber.load("bundles/qwen3-asr-0.6b")
+    >>> model = Transcriber.load()  # Qwen/Qwen3-ASR-0.6B; or a bundle, a checkpoint dir, a hub id
     >>> model.transcribe("meeting.wav", language="English").text
     """
 
     def __init__(self, bundle: Bundle, backend: Backend):
         if bundle.kind != "asr":
-            raise BundleError(f"{bundle.path}: a {bundle.kind} bundle, not a speech recognition model")
+            raise BundleError(f"{bundle.path}: a forced-aligner bundle, not a speech recognition model")
         self.bundle = bundle
         self.backend = backend
         self.tokenizer = Tokenizer.from_dir(bundle.path)
@@ -50,8 +51,11 @@ class Transcriber:
         self.window_frames = int(bundle.manifest["audio"]["window_frames"])
 
     @classmethod
-    def load(cls, bundle: str | Path, backend: str = "auto", threads: int | None = None) -> Transcriber:
-        loaded = Bundle.load(bundle)
+    def load(cls, model: str | Path = DEFAULT_MODEL, backend: str = "auto", threads: int | None = None,
+             weights: str = "fp32") -> Transcriber:
+        """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`);
+        a checkpoint is exported to a bundle at `weights` once, on first use, and cached."""
+        loaded = Bundle.load(resolve_model(model, "asr", weights))
         return cls(loaded, open_backend(loaded, backend, threads))
 
     @property
@@ -70,8 +74,9 @@ class Transcriber:
         """Transcribe one recording (a path, bytes, a binary file, or an array with its rate).
 
         `language` forces the output language (else it is identified); `context` is background
-        text (names, terms, a previous transcript) the model may use; `max_new_tokens` caps the
-        budget, which otherwise grows with the audio; `aligner` adds word times (the audio is
+        text (names, terms, a previous transcript) the model may use; `max_new_tokens` is the
+        token budget of each pass, as in the official package (by default it grows with the
+        audio: 32 + 10 per second); `aligner` adds word times (the audio is
         then cut into parts of at most 180 s, as the official package does for timestamps);
         `on_token` sees each generated id as it comes (the server streams text from it).
         """
@@ -84,8 +89,7 @@ class Transcriber:
         texts, languages, tokens, words, truncated = [], [], [], [], False
         for piece, offset in parts:
             embeds = embed_audio(self.backend, piece, self.window_frames, timings, name or "<audio>")
-            budget = token_budget(len(piece) / SAMPLE_RATE)
-            budget = min(budget, max_new_tokens) if max_new_tokens else budget
+            budget = max_new_tokens or token_budget(len(piece) / SAMPLE_RATE)
             decoded = self._decode(embeds, context, forced, budget, timings, progress, on_token)
             found, text = parse_output(self.tokenizer.decode(decoded.tokens), forced)
             if aligner and text.strip():

@@ -1,0 +1,256 @@
+"""Where a model comes from: a bundle, a checkpoint directory or a Hugging Face id, as a bundle path.
+
+A bundle is used as it is. A checkpoint (a local directory, or a hub id that huggingface_hub
+resolves through its own cache, `HF_HUB_OFFLINE`, tokens and `@revision`) is exported once into
+qasr's cache and reused from there, as openai/whisper and faster-whisper prepare their default
+models on first use. Cache entries are keyed by the checkpoint's content (the sha256 a bundle's
+manifest records) and its weight precision: a changed checkpoint is exported again, an unchanged
+one never is. A lock per entry lets two first uses at once export it once; the export itself is
+staged and moved into place whole, and an entry that is damaged later is found and rebuilt.
+
+Exporting needs the `export` extra (torch, onnx); a runtime-only install that meets a checkpoint
+says so in one line. This module itself imports neither.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from qasr.errors import BundleError, CheckpointError, QasrError, UsageError
+from qasr.models.config import INDEX_FILE, SINGLE_FILE, load_config
+from qasr.runtime.bundle import MANIFEST, Bundle
+
+DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
+DEFAULT_ALIGNER = "Qwen/Qwen3-ForcedAligner-0.6B"
+ENTRY_RECORD = "qasr-cache.json"  # written last into a cache entry: its key and the size of every file
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer; no docs or media
+EXPORT_HINT = ('pip install "qwen3-asr-edge[export]", or run `qasr export` on a machine that has it '
+               "and copy the bundle here")
+
+Progress = Callable[[str], None]
+
+
+def _say(line: str) -> None:
+    print(f"qasr: {line}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    """$QASR_CACHE, else $XDG_CACHE_HOME/qasr, else ~/.cache/qasr."""
+    if os.environ.get("QASR_CACHE"):
+        return Path(os.environ["QASR_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "qasr"
+
+
+def resolve_model(spec: str | os.PathLike, kind: str = "asr", weights: str = "fp32",
+                  progress: Progress = _say) -> Path:
+    """The bundle directory for `spec`: a bundle itself, or the cached export of a checkpoint or hub id.
+
+    `kind` ("asr" or "aligner") is checked on a checkpoint's config before a minute is spent
+    exporting the wrong model.
+    """
+    path = Path(spec)
+    if (path / MANIFEST).is_file():
+        return path
+    checkpoint = checkpoint_dir(str(spec))
+    _check_kind(checkpoint, kind)
+    return cached_export(checkpoint, weights, progress, name=str(spec))
+
+
+def checkpoint_dir(spec: str) -> Path:
+    """A local checkpoint directory as is; a hub id (`owner/name[@revision]`) through huggingface_hub."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BundleError(f"{spec}: neither a qasr bundle ({MANIFEST}) nor a checkpoint (config.json)")
+        return path
+    if path.exists() or not HUB_ID.match(spec):
+        raise CheckpointError(f"{spec}: no such bundle or checkpoint directory (nor a Hugging Face id like "
+                              f"{DEFAULT_MODEL})")
+    return hub_snapshot(spec)
+
+
+def hub_snapshot(spec: str) -> Path:
+    """The local snapshot of a hub repository, downloaded into huggingface_hub's cache if need be."""
+    repo, _, revision = spec.partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UsageError(f"{spec}: a Hugging Face id; fetching and exporting it needs the export extra: "
+                         f"{EXPORT_HINT}") from None
+    try:
+        return Path(snapshot_download(repo_id=repo, revision=revision or None, allow_patterns=HUB_FILES))
+    except Exception as exc:  # offline, unknown repo, gated, bad revision: the hub raises many types
+        local = Path(repo.split("/")[0]).is_dir()  # `bundles/x` with a bundles/ here: a mistyped path
+        where = "no such directory, nor a model the Hugging Face hub has" if local else "not found in the Hugging Face hub or its cache"
+        raise CheckpointError(f"{spec}: {where} ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _check_kind(checkpoint: Path, kind: str) -> None:
+    found = "aligner" if load_config(checkpoint).is_aligner else "asr"
+    if found != kind:
+        names = {"asr": "a speech recognition checkpoint", "aligner": "a forced-aligner checkpoint"}
+        raise BundleError(f"{checkpoint}: {names[found]}, not {names[kind]}")
+
+
+def cached_export(checkpoint: Path, weights: str = "fp32", progress: Progress = _say, name: str | None = None) -> Path:
+    """The cache entry for `checkpoint` at `weights`, exported under its lock if missing or damaged.
+
+    `name` is what the user called it (a hub id rather than its snapshot path), for the messages."""
+    digest = checkpoint_digest(checkpoint)
+    root = writable_dir(cache_dir() / "bundles", "the model cache")
+    entry = root / f"{digest[:16]}-{weights}"
+    if _entry_problem(entry, digest, weights) is None:
+        return entry
+    with _locked(root / f".{entry.name}.lock", progress, f"another process is preparing {entry.name}"):
+        problem = _entry_problem(entry, digest, weights)  # the other process may have made it meanwhile
+        if problem is None:
+            return entry
+        if problem != "missing":
+            progress(f"the cached bundle {entry} is {problem}; exporting it again")
+            shutil.rmtree(entry)
+        _export_entry(checkpoint, entry, digest, weights, progress, name or str(checkpoint))
+    return entry
+
+
+def _export_entry(checkpoint: Path, entry: Path, digest: str, weights: str, progress: Progress, name: str) -> None:
+    try:
+        from qasr.export.onnx_export import export_bundle
+    except ImportError:
+        raise UsageError(f"{name}: a checkpoint, not a qasr bundle; exporting it needs the export extra: "
+                         f"{EXPORT_HINT}") from None
+    progress(f"first use of {name}: exporting it to ONNX ({weights}) into {entry}; this takes a minute, once")
+    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
+        staged = export_bundle(checkpoint, Path(tmp) / "bundle", progress=progress, weights=weights)
+        record = {"sha256": digest, "weights": weights, "files": _sizes(staged)}
+        (staged / ENTRY_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        staged.rename(entry)
+
+
+def _sizes(bundle: Path) -> dict[str, int]:
+    return {p.relative_to(bundle).as_posix(): p.stat().st_size for p in sorted(bundle.rglob("*")) if p.is_file()
+            and p.name != ENTRY_RECORD}
+
+
+def _entry_problem(entry: Path, digest: str, weights: str) -> str | None:
+    """None for a complete entry of this checkpoint and precision, else what is wrong with it."""
+    if not entry.exists():
+        return "missing"
+    try:
+        record = json.loads((entry / ENTRY_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "incomplete (its record of the export is missing or unreadable)"
+    try:
+        Bundle.load(entry)  # also refuses a bundle of another format version, which is then re-exported
+    except QasrError as exc:
+        return f"unusable ({exc})"
+    if record.get("sha256") != digest or record.get("weights") != weights:
+        return "from another checkpoint"
+    expected = record.get("files", {})
+    sizes = _sizes(entry)
+    damaged = sorted(name for name, size in expected.items() if sizes.get(name) != size)
+    return f"damaged ({', '.join(damaged[:3])})" if damaged else None
+
+
+@contextmanager
+def _locked(path: Path, progress: Progress, waiting: str) -> Iterator[None]:
+    """An exclusive lock on `path` (released by the kernel if the holder dies), saying so while waiting."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"{waiting}; waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def checkpoint_digest(checkpoint: Path) -> str:
+    """sha256 over config.json and the weight files, in name order: which checkpoint a bundle came from.
+
+    Hashing a 1.7B checkpoint reads 4.7 GB, so the digest is remembered per directory against each
+    file's size and modification time, and recomputed only when one of them changes.
+    """
+    files = [checkpoint / "config.json", *_weight_files(checkpoint)]
+    stamp = [[f.name, *_stat(f)] for f in files]
+    memo = cache_dir() / "digests" / (hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:24] + ".json")
+    try:
+        known = json.loads(memo.read_text(encoding="utf-8"))
+        if known["files"] == stamp:
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    _write_atomic(memo, json.dumps({"files": stamp, "sha256": digest.hexdigest()}))
+    return digest.hexdigest()
+
+
+def _weight_files(checkpoint: Path) -> list[Path]:
+    """The distinct safetensors files of a checkpoint (its index's, or the single file), in name order."""
+    index = checkpoint / INDEX_FILE
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        return [checkpoint / name for name in sorted(names)]
+    return [checkpoint / SINGLE_FILE]
+
+
+def _stat(path: Path) -> list[int]:
+    try:
+        info = path.stat()
+    except OSError:
+        raise CheckpointError(f"{path}: missing") from None
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Best effort: a memo that cannot be written only costs the next run a rehash."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """`path` as a directory this process can write into, created if need be; else one line saying why.
+
+    Checked before any work is spent, so that an hour of transcription is never lost to a
+    mistyped output directory at the end.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path}: {what} is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".qasr-write-test-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot use it as {what} ({exc.strerror or exc})") from None
+    return path
