@@ -18,6 +18,7 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (test extra) is not installed")
 
 from qasr.cli import main  # noqa: E402
+from qasr.runtime.transcribe import Transcriber  # noqa: E402
 from qasr.serve.service import Options  # noqa: E402
 from serving import RunningServer  # noqa: E402
 
@@ -92,6 +93,8 @@ def console_errors(driver) -> list[str]:
 
 def open_page(driver, server):
     driver.get(server.url + "/")
+    driver.execute_script("sessionStorage.clear()")  # the page keeps the key for the tab: ask again
+    driver.refresh()
     wait(driver, lambda d: by_id(d, "key-form").is_displayed())
     by_id(driver, "key").send_keys("page-key")
     by_id(driver, "key-form").submit()
@@ -117,4 +120,29 @@ def test_an_upload_shows_the_cli_text(server, browser, bundle):
     assert by_id(browser, "info-memory").text.endswith("MB")
     if SCREENSHOT:
         browser.save_screenshot(SCREENSHOT)
+    assert console_errors(browser) == []
+
+
+@pytest.mark.skipif(not hasattr(Transcriber, "stream"),
+                    reason="needs the streaming engine (Transcriber.stream, qasr/runtime/stream.py)")
+def test_the_microphone_text_updates_while_it_talks(server, browser):
+    open_page(browser, server)
+    record = by_id(browser, "record")
+    wait(browser, lambda d: record.is_enabled())
+    record.click()
+    wait(browser, lambda d: record.text == "Stop")
+    seen = []
+
+    def grown(d):
+        text = by_id(d, "transcript").get_attribute("value")
+        if text and (not seen or text != seen[-1]):
+            seen.append(text)
+        return len(seen) >= 2
+
+    wait(browser, grown, seconds=90)  # text, then more text, while the fake microphone plays
+    assert not by_id(browser, "transcribe").is_enabled() or record.text == "Stop"
+    record.click()
+    wait(browser, lambda d: d.find_element("id", "record").text == "Record", seconds=60)
+    final = by_id(browser, "transcript").get_attribute("value")
+    assert final and by_id(browser, "status").text == ""
     assert console_errors(browser) == []

@@ -108,6 +108,7 @@ class Service:
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="qasr-infer")
         self.admitted = 0
+        self.realtime_sessions = 0
         self.slots: asyncio.Semaphore | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once it runs
         self.tasks: set = set()         # stream workers in flight (held so they are not collected)

@@ -1,0 +1,127 @@
+"""`WS /v1/realtime` through the official `openai` SDK (`client.realtime.connect`), on the real
+streaming engine: the completed transcript is what `Transcriber.stream()` gives for the same audio."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+openai = pytest.importorskip("openai", reason="the openai SDK (test extra) is not installed")
+pytest.importorskip("websockets", reason="the SDK's realtime client needs websockets")
+
+from qasr.runtime.transcribe import Transcriber  # noqa: E402
+from qasr.serve.service import Options  # noqa: E402
+from serving import RunningServer  # noqa: E402
+
+# The streaming engine lands from its own branch; until it is merged there is nothing to test here.
+pytestmark = pytest.mark.skipif(not hasattr(Transcriber, "stream"),
+                                reason="needs the streaming engine (Transcriber.stream, qasr/runtime/stream.py)")
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    running = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime", api_key="rt-key"))
+    yield running
+    running.stop()
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def session(server, **input_options):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="rt-key", max_retries=0)
+    connection = client.realtime.connect(model="qasr")
+    conn = connection.__enter__()
+    assert conn.recv().type == "session.created"
+    conn.session.update(session={"type": "transcription", "audio": {"input": input_options}})
+    updated = conn.recv()
+    assert updated.type == "session.updated", updated
+    return connection, conn
+
+
+def send_audio(conn, samples: np.ndarray, rate: int, block_seconds: float = 0.1) -> None:
+    step = int(rate * block_seconds)
+    for start in range(0, len(samples), step):
+        conn.input_audio_buffer.append(audio=base64.b64encode(pcm16(samples[start:start + step])).decode())
+
+
+def events_until(conn, kind: str, count: int = 1) -> list:
+    events = []
+    while sum(e.type == kind for e in events) < count:
+        events.append(conn.recv())
+        assert events[-1].type != "error", events[-1]
+    return events
+
+
+def test_deltas_then_the_streaming_engines_transcript(server, bundle, speech):
+    audio = speech(9)
+    wave = np.frombuffer(pcm16(audio), dtype="<i2").astype(np.float32) / 32768.0  # what the server hears
+    stream = Transcriber.load(bundle("tiny-untied"), backend="onnxruntime").stream(language="English")
+    stream.feed(wave)
+    expected = stream.finish()[-1].text
+    connection, conn = session(server, format={"type": "audio/pcm", "rate": 16000},
+                               transcription={"model": "qasr", "language": "en"}, turn_detection=None)
+    with connection:
+        send_audio(conn, audio, 16000)
+        conn.input_audio_buffer.commit()
+        events = events_until(conn, "conversation.item.input_audio_transcription.completed")
+    kinds = [e.type for e in events]
+    committed = kinds.index("input_audio_buffer.committed")
+    deltas = [e.delta for e in events if e.type == "conversation.item.input_audio_transcription.delta"]
+    completed = events[-1]
+    assert completed.transcript == expected and expected
+    assert deltas and expected.startswith("".join(deltas))
+    assert any(k.endswith(".delta") for k in kinds[:committed])  # text arrived while the audio was still coming
+    assert {e.item_id for e in events if hasattr(e, "item_id")} == {completed.item_id}
+    assert completed.usage.seconds == pytest.approx(9, abs=0.01)
+
+
+def test_24_khz_and_server_vad_cut_turns_at_pauses(server, speech):
+    rate = 24000
+    import soxr
+
+    turn = soxr.resample(speech(3), 16000, rate)
+    quiet = np.zeros(int(1.5 * rate), dtype=np.float32)
+    connection, conn = session(server, format={"type": "audio/pcm", "rate": rate},
+                               transcription={"model": "qasr"},
+                               turn_detection={"type": "server_vad", "silence_duration_ms": 800})
+    with connection:
+        send_audio(conn, np.concatenate([turn, quiet, turn, quiet]), rate)
+        events = events_until(conn, "conversation.item.input_audio_transcription.completed", 2)
+    started = [e for e in events if e.type == "input_audio_buffer.speech_started"]
+    stopped = [e for e in events if e.type == "input_audio_buffer.speech_stopped"]
+    completed = [e for e in events if e.type == "conversation.item.input_audio_transcription.completed"]
+    assert len(started) >= 2 and len(stopped) >= 2
+    assert started[0].audio_start_ms < stopped[0].audio_end_ms < started[1].audio_start_ms
+    assert completed[0].item_id != completed[1].item_id
+
+
+def test_bad_events_get_error_events_and_the_session_goes_on(server):
+    connection, conn = session(server, format={"type": "audio/pcm", "rate": 16000})
+    with connection:
+        conn.input_audio_buffer.commit()
+        error = conn.recv()
+        assert error.type == "error" and error.error.code == "input_audio_buffer_commit_empty"
+        conn.send({"type": "input_audio_buffer.append", "audio": "not base64!"})
+        error = conn.recv()
+        assert error.type == "error" and error.error.param == "audio"
+        conn.send({"type": "response.create"})
+        assert conn.recv().error.code == "unknown_event"
+        conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "format": {"type": "audio/pcm", "rate": 44100}}}})
+        assert "44100" in conn.recv().error.message
+        conn.input_audio_buffer.append(audio=base64.b64encode(pcm16(np.zeros(1600, np.float32))).decode())
+        conn.input_audio_buffer.clear()
+        assert conn.recv().type == "input_audio_buffer.cleared"
+
+
+def test_a_wrong_key_is_refused(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(Exception) as caught:
+        with client.realtime.connect(model="qasr") as conn:
+            conn.recv()
+    assert "403" in str(caught.value)
