@@ -20,6 +20,7 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
@@ -66,7 +67,7 @@ class Item:
     """One turn: its stream, the text already sent as deltas, and the previous step's text."""
 
     id: str
-    stream: object
+    stream: Any  # qasr.runtime.stream.Stream
     sent: str = ""
     previous: str = ""
     seconds: float = 0.0
@@ -226,8 +227,7 @@ class Session:
                                      int(vad.get("silence_duration_ms") or 500))
         for change in self.vad.push(samples):
             if change == "start":
-                self.start_item()
-                await self.send({"type": "input_audio_buffer.speech_started", "item_id": self.item.id,
+                await self.send({"type": "input_audio_buffer.speech_started", "item_id": self.start_item().id,
                                  "audio_start_ms": self.vad.heard_ms})
             elif self.item is not None:
                 await self.send({"type": "input_audio_buffer.speech_stopped", "item_id": self.item.id,
@@ -236,14 +236,14 @@ class Session:
         if self.item is not None:
             await self.feed(samples)
 
-    def start_item(self) -> None:
+    def start_item(self) -> Item:
         if self.item is None:
-            model, config = self.service.model, self.config
-            self.item = Item(_id("item"), model.stream(language=config.language, context=config.prompt))
+            model: Any = self.service.model
+            self.item = Item(_id("item"), model.stream(language=self.config.language, context=self.config.prompt))
+        return self.item
 
     async def feed(self, samples: np.ndarray) -> None:
-        self.start_item()
-        item = self.item
+        item = self.start_item()
         item.seconds += len(samples) / self.config.rate
         events = await self.step(lambda: item.stream.feed(samples, sample_rate=self.config.rate))
         await self.deltas(item, events)
@@ -263,7 +263,7 @@ class Session:
                                  "content_index": 0, "delta": delta})
 
     async def commit(self) -> None:
-        item, self.item = self.item, None
+        item, self.item = self.start_item(), None
         await self.send({"type": "input_audio_buffer.committed", "item_id": item.id,
                          "previous_item_id": self.previous_item})
         self.previous_item = item.id
