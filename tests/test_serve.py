@@ -155,3 +155,15 @@ def test_unknown_routes_and_methods_get_openais_error_body(server):
     assert response.status_code == 404 and response.json()["error"]["message"]
     response = httpx.get(f"{server.url}/v1/audio/transcriptions")
     assert response.status_code == 405 and response.json()["error"]["message"]
+
+
+def test_no_cors_unless_an_origin_is_given(server, bundle):
+    preflight = {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in httpx.options(f"{server.url}/v1/models", headers=preflight).headers
+    allowed = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime",
+                                    cors_origins=["http://elsewhere.example"]))
+    try:
+        response = httpx.options(f"{allowed.url}/v1/models", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "http://elsewhere.example"
+    finally:
+        allowed.stop()

@@ -172,11 +172,12 @@ def test_health_waits_for_the_model_and_requests_get_503_meanwhile(bundle, monke
         running.stop()
 
 
-def test_a_model_that_cannot_load_fails_health_and_stops_the_server(tmp_path):
+def test_a_model_that_cannot_load_stops_the_server_with_one_line(tmp_path):
     port = free_port()
     proc = subprocess.run([sys.executable, "-m", "qasr", "serve", "--model", str(tmp_path / "missing"), "--port",
-                           str(port)], capture_output=True, text=True, timeout=60, env=_env())
+                           str(port), "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, env=_env())
     assert proc.returncode == 1
+    assert "without --api-key" in proc.stderr  # every interface and no key: said before anything else
     errors = [line for line in proc.stderr.splitlines() if "qasr: error:" in line]
     assert len(errors) == 1 and "missing" in errors[0] and "Traceback" not in proc.stderr
 
