@@ -105,6 +105,7 @@ def test_models_lists_the_served_id(server, bundle):
     (None, {"response_format": "docx"}, "response_format"),
     (None, {"temperature": 0.7}, "temperature"),
     (None, {"language": "klingon"}, "language"),
+    (None, {"prompt": "names: <|audio_pad|>"}, "prompt"),
     (None, {"response_format": "srt"}, "response_format"),
     (None, {"response_format": "verbose_json", "timestamp_granularities": ["word"]}, "timestamp_granularities"),
 ])

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from qasr.errors import QasrError, UsageError
 from qasr.runtime.audio import SAMPLE_RATE, load_audio
 from qasr.runtime.formats import render, subtitle_segments
-from qasr.runtime.prompt import ASR_TEXT, check_language
+from qasr.runtime.prompt import ASR_TEXT, asr_prompt, check_language
 from qasr.runtime.tokenizer import IncrementalDecoder
 from qasr.serve.service import Busy, Disconnected, Service
 
@@ -111,6 +111,10 @@ async def parse_form(request: Request, service: Service) -> Job:
         raise ApiError(400, f"stream=true sends text events; response_format {response_format} cannot stream",
                        "stream")
     parsed = Job(upload, None, str(form.get("prompt") or ""), response_format, words, stream)
+    try:
+        asr_prompt(parsed.context, None)  # a prompt the model cannot take is refused before any work
+    except UsageError as exc:
+        raise ApiError(400, str(exc), "prompt") from None
     if parsed.needs_aligner and service.aligner is None:
         what = "word timestamps" if words else f"{response_format} subtitles"
         raise ApiError(400, f"{what} need the forced aligner: start the server with --aligner BUNDLE",
