@@ -168,3 +168,11 @@ def test_no_cors_unless_an_origin_is_given(server, bundle):
         assert response.headers["access-control-allow-origin"] == "http://elsewhere.example"
     finally:
         allowed.stop()
+
+
+def test_the_key_can_come_from_the_environment(monkeypatch):
+    from qasr.cli import build_parser
+
+    monkeypatch.setenv("QASR_API_KEY", "from-env")
+    assert build_parser().parse_args(["serve"]).api_key == "from-env"
+    assert build_parser().parse_args(["serve", "--api-key", "flag"]).api_key == "flag"
