@@ -12,9 +12,10 @@ import json
 import time
 from dataclasses import dataclass
 
+import soundfile as sf  # type: ignore[import-untyped]
 from fastapi import Request
-from starlette.datastructures import UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
 
 from qasr.errors import QasrError, UsageError
 from qasr.runtime.audio import SAMPLE_RATE, load_audio
@@ -130,8 +131,6 @@ async def parse_form(request: Request, service: Service) -> Job:
 
 def transcribe_upload(service: Service, req: Job, on_token=None):
     """On the worker: decode the upload once, then the same Transcriber call as `qasr transcribe`."""
-    import soundfile as sf  # type: ignore[import-untyped]
-
     started = time.perf_counter()
     wave = load_audio(req.upload.file)
     req.upload.file.seek(0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,6 @@ from qasr.errors import QasrError, UsageError
 from qasr.serve.openai_api import language_name
 from qasr.serve.service import Service
 
-log = logging.getLogger("qasr.serve")
 RATES = (16000, 24000)
 KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers pass a key (they cannot set headers on a WebSocket)
 
