@@ -114,6 +114,12 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server):
         conn.session.update(session={"type": "transcription", "audio": {"input": {
             "format": {"type": "audio/pcm", "rate": 44100}}}})
         assert "44100" in conn.recv().error.message
+        conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "transcription": {"language": "xx-klingon", "prompt": "<|audio_pad|>"}}}})
+        assert conn.recv().error.param == "session.audio.input.transcription.language"
+        conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "transcription": {"prompt": "<|audio_pad|>"}}}})
+        assert conn.recv().error.param == "session.audio.input.transcription.prompt"
         conn.input_audio_buffer.append(audio=base64.b64encode(pcm16(np.zeros(1600, np.float32))).decode())
         conn.input_audio_buffer.clear()
         assert conn.recv().type == "input_audio_buffer.cleared"

@@ -25,6 +25,7 @@ import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
 from qasr.errors import QasrError, UsageError
+from qasr.runtime.prompt import asr_prompt
 from qasr.serve.openai_api import language_name
 from qasr.serve.service import Service
 
@@ -195,7 +196,12 @@ class Session:
             except UsageError as exc:
                 raise ClientError(str(exc), "invalid_value", "session.audio.input.transcription.language") from None
         if "prompt" in transcription:
-            self.config.prompt = str(transcription.get("prompt") or "")
+            prompt = str(transcription.get("prompt") or "")
+            try:
+                asr_prompt(prompt, None)
+            except UsageError as exc:
+                raise ClientError(str(exc), "invalid_value", "session.audio.input.transcription.prompt") from None
+            self.config.prompt = prompt
         if "turn_detection" in audio:
             vad = audio["turn_detection"]
             if vad is not None and vad.get("type") != "server_vad":
