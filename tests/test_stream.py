@@ -8,6 +8,13 @@ official code itself, not a re-reading of it.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +28,8 @@ from qasr.runtime.transcribe import Transcriber
 
 torch = pytest.importorskip("torch")
 BUDGET = 12
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
 
 
 class TransformersAsVllm:
@@ -247,3 +256,92 @@ def test_resampled_input(models, speech):
     events += stream.finish()
     assert [e.chunk for e in events] == [1, 2, 3]
     assert events[-1].audio_seconds == pytest.approx(5.0, abs=1e-3)
+
+
+def test_cli_jsonl_matches_the_official_policy(models, bundle, capsys):
+    """`qasr stream FILE --format jsonl --segment-seconds 0`: every step as the official state."""
+    from qasr.cli import main
+    from qasr.runtime.audio import load_audio
+
+    streaming, _ = models("tiny-untied")
+    path = str(DATA / "de_22k.flac")
+    expected = official_steps(streaming, load_audio(path), 2.0, language=None, context="Guten Tag",
+                              unfixed_chunk_num=2, unfixed_token_num=5)
+    assert main(["stream", path, "--model", str(bundle("tiny-untied")), "--format", "jsonl", "--segment-seconds",
+                 "0", "--max-new-tokens", str(BUDGET), "--context", "Guten Tag", "--threads", "1"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["language"], r["text"]) for r in records] == expected
+    assert set(records[0]) == {"chunk", "audio_seconds", "language", "text", "committed", "final", "compute_seconds"}
+    assert records[-1]["final"] and {"encoder", "prefill", "decode", "finalize", "rtf"} <= set(records[-1]["timings"])
+
+
+def qasr_stream(args, stdin: bytes = b"", interrupt_after: float | None = None):
+    """Run `qasr stream` in a process of its own: (exit code, stdout, stderr)."""
+    command = [sys.executable, "-m", "qasr", "stream", *args]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if interrupt_after is None:
+        out, err = process.communicate(stdin, timeout=300)
+    else:
+        time.sleep(interrupt_after)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=300)
+    return process.returncode, out.decode(), err.decode()
+
+
+def test_cli_stdin_pcm(bundle, speech):
+    pcm = (speech(5.0) * 32767).astype("<i2").tobytes()
+    model = str(bundle("tiny-untied"))
+    code, out, err = qasr_stream(["-", "--model", model, "--format", "jsonl", "--max-new-tokens", "4"], pcm)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["chunk"] for r in records] == [1, 2, 3] and records[-1]["audio_seconds"] == 5.0
+    import soxr
+
+    pcm44 = (soxr.resample(speech(5.0), 16000, 44100) * 32767).astype("<i2").tobytes()
+    code, out, err = qasr_stream(["-", "--model", model, "--sample-rate", "44100", "--max-new-tokens", "4"], pcm44)
+    assert code == 0, err
+    assert out.strip() and "\x1b" not in out  # off a terminal: committed text only, no redraws
+
+
+@pytest.mark.parametrize("args,stdin,message", [
+    (["-"], b"\x01\x02\x03", "ends in the middle of a sample"),
+    (["-"], bytes(32001), "ends in the middle of a sample"),
+    (["-"], b"", "no audio"),
+    (["-", "--sample-rate", "10"], b"\x00\x00", "unsupported sample rate"),
+    ([str(DATA / "de_22k.flac"), "--sample-rate", "8000"], b"", "--sample-rate is for raw PCM"),
+    (["/etc/hostname"], b"", "not a readable audio file"),
+])
+def test_cli_bad_input(bundle, args, stdin, message):
+    code, out, err = qasr_stream([*args, "--model", str(bundle("tiny-untied"))], stdin)
+    assert code != 0 and err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_cli_ctrl_c_prints_committed_text(bundle, tmp_path, speech):
+    import soundfile as sf
+
+    path = tmp_path / "long.wav"
+    sf.write(path, speech(30.0), 16000)
+    code, out, err = qasr_stream([str(path), "--model", str(bundle("tiny-untied")), "--realtime", "--max-new-tokens",
+                                  "4", "--segment-seconds", "3"], interrupt_after=12)
+    assert code == 130 and err == "qasr: interrupted\n"
+    assert out.strip()  # segments closed before the interrupt were printed
+
+
+def test_terminal_redraws_the_tail_and_prints_committed_once():
+    import io
+
+    from qasr.runtime.stream import StreamEvent
+    from qasr.stream_cli import _Text
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal()
+    show = _Text(out)
+    for committed, text, final in [("", "Hello wor", False), ("Hello world.", "Hello world. How", False),
+                                   ("Hello world. How are you?", "Hello world. How are you?", True)]:
+        show(StreamEvent(1, 2.0, "English", text, committed, final, 0.1))
+    assert out.getvalue() == ("\x1b[2mHello wor\x1b[0m\r\x1b[KHello world.\n\x1b[2mHow\x1b[0m"
+                              "\r\x1b[KHow are you?\n")

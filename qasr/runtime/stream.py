@@ -316,7 +316,8 @@ class Stream:
         self.chunks += 1
         n = len(segment.audio.samples)
         cut = self._cut_point(segment) if not final else None
-        self._decode(segment, cut or n, final=final or cut is not None)
+        if n >= HOP_LENGTH or not segment.offset:  # a last segment of a few carried samples holds no words
+            self._decode(segment, cut or n, final=final or cut is not None)
         if cut is not None:
             self.closed.append((segment.language, segment.text))
             carry = segment.audio.samples[cut:]
