@@ -345,3 +345,20 @@ def test_terminal_redraws_the_tail_and_prints_committed_once():
         show(StreamEvent(1, 2.0, "English", text, committed, final, 0.1))
     assert out.getvalue() == ("\x1b[2mHello wor\x1b[0m\r\x1b[KHello world.\n\x1b[2mHow\x1b[0m"
                               "\r\x1b[KHow are you?\n")
+
+
+def test_long_stream_stays_flat(models, speech):
+    """Three minutes with 10 s segments: the state and the KV cache stop growing after the first segments."""
+    _, ours = models("tiny-untied")
+    wav = speech(180.0)
+    stream = ours.stream(max_new_tokens=BUDGET, segment_seconds=10.0)
+    sizes = []
+    for start in range(0, len(wav), 32000):
+        if stream.feed(wav[start : start + 32000]):
+            audio = stream.segment.audio
+            sizes.append((len(audio.samples), audio.raw.shape[1], len(stream.segment.prompt),
+                          ours.backend.cache.shape[4]))
+    stream.finish()
+    first, last = np.max(sizes[: len(sizes) // 3], axis=0), np.max(sizes[len(sizes) // 3 :], axis=0)
+    assert sizes[-1][0] <= 20 * 16000 and np.all(last <= first * 1.5)
+    assert len(stream.closed) >= 8
