@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_options(transcribe)
     transcribe.set_defaults(run=run_transcribe)
 
+    from qasr import stream_cli
+
+    stream = commands.add_parser("stream", help="transcribe live audio (a file, or raw PCM on stdin) as it comes")
+    stream_cli.add_arguments(stream)
+    _backend_options(stream)
+    stream.set_defaults(run=stream_cli.run)
+
     build = commands.add_parser("build", help="build TensorRT engines for this GPU into a bundle")
     tensorrt_build.add_arguments(build)
     build.set_defaults(run=tensorrt_build.run)

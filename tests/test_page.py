@@ -18,7 +18,6 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (test extra) is not installed")
 
 from qasr.cli import main  # noqa: E402
-from qasr.runtime.transcribe import Transcriber  # noqa: E402
 from qasr.serve.service import Options  # noqa: E402
 from serving import RunningServer  # noqa: E402
 
@@ -123,8 +122,6 @@ def test_an_upload_shows_the_cli_text(server, browser, bundle):
     assert console_errors(browser) == []
 
 
-@pytest.mark.skipif(not hasattr(Transcriber, "stream"),
-                    reason="needs the streaming engine (Transcriber.stream, qasr/runtime/stream.py)")
 def test_the_microphone_text_updates_while_it_talks(server, browser):
     open_page(browser, server)
     record = by_id(browser, "record")

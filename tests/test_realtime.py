@@ -17,10 +17,6 @@ from qasr.runtime.transcribe import Transcriber  # noqa: E402
 from qasr.serve.service import Options  # noqa: E402
 from serving import RunningServer  # noqa: E402
 
-# The streaming engine lands from its own branch; until it is merged only the transport test runs.
-needs_stream = pytest.mark.skipif(not hasattr(Transcriber, "stream"),
-                                  reason="needs the streaming engine (Transcriber.stream, qasr/runtime/stream.py)")
-
 
 @pytest.fixture(scope="module")
 def server(bundle):
@@ -58,7 +54,6 @@ def events_until(conn, kind: str, count: int = 1) -> list:
     return events
 
 
-@needs_stream
 def test_deltas_then_the_streaming_engines_transcript(server, bundle, speech):
     audio = speech(9)
     wave = np.frombuffer(pcm16(audio), dtype="<i2").astype(np.float32) / 32768.0  # what the server hears
@@ -82,7 +77,6 @@ def test_deltas_then_the_streaming_engines_transcript(server, bundle, speech):
     assert completed.usage.seconds == pytest.approx(9, abs=0.01)
 
 
-@needs_stream
 def test_24_khz_and_server_vad_cut_turns_at_pauses(server, speech):
     rate = 24000
     import soxr
@@ -103,7 +97,6 @@ def test_24_khz_and_server_vad_cut_turns_at_pauses(server, speech):
     assert completed[0].item_id != completed[1].item_id
 
 
-@needs_stream
 def test_bad_events_get_error_events_and_the_session_goes_on(server):
     connection, conn = session(server, format={"type": "audio/pcm", "rate": 16000})
     with connection:
@@ -169,7 +162,7 @@ class ScriptedStream:
 
 
 def test_the_transport_sends_stable_text_then_the_final_one(server, monkeypatch):
-    monkeypatch.setattr(Transcriber, "stream", lambda self, **options: ScriptedStream(), raising=False)
+    monkeypatch.setattr(Transcriber, "stream", lambda self, **options: ScriptedStream())
     connection, conn = session(server, format={"type": "audio/pcm", "rate": 16000}, turn_detection=None)
     with connection:
         send_audio(conn, np.zeros(3 * 16000, np.float32), 16000)

@@ -170,7 +170,7 @@ def _flush(pending: _Jobs) -> None:
         start += len(frames)
 
 
-def _clamp_and_scale(log_spec: np.ndarray, peak: float) -> np.ndarray:
+def clamp_and_scale(log_spec: np.ndarray, peak: float) -> np.ndarray:
     """Whisper's normalisation, in place: keep 8 decades below `peak`, then map to about [-1, 1]."""
     np.maximum(log_spec, np.float32(peak - _DYNAMIC_RANGE), out=log_spec)
     log_spec += 4.0
@@ -186,8 +186,9 @@ def _as_wave(wave: np.ndarray) -> np.ndarray:
     return wave
 
 
-def log_mel_batch(waves: list[np.ndarray]) -> list[np.ndarray]:
-    """log_mel of several clips at once; each result is identical to log_mel of that clip alone."""
+def log10_mel_batch(waves: list[np.ndarray]) -> list[np.ndarray]:
+    """log10 mel power [128, n // 160] of several clips, before the clamp: log_mel is
+    clamp_and_scale(this, its max). A stream re-clamps these when its running max moves."""
     waves = [_as_wave(w) for w in waves]
     outs = [np.empty((N_MELS, len(w) // HOP_LENGTH), dtype=np.float32) for w in waves]
     jobs: _Jobs = []
@@ -197,7 +198,12 @@ def log_mel_batch(waves: list[np.ndarray]) -> list[np.ndarray]:
             jobs.append((frames, out[:, start : start + len(frames)]))
             start += len(frames)
     _fill(jobs)
-    return [_clamp_and_scale(out, float(out.max())) if out.size else out for out in outs]
+    return outs
+
+
+def log_mel_batch(waves: list[np.ndarray]) -> list[np.ndarray]:
+    """log_mel of several clips at once; each result is identical to log_mel of that clip alone."""
+    return [clamp_and_scale(out, float(out.max())) if out.size else out for out in log10_mel_batch(waves)]
 
 
 def log_mel(wave: np.ndarray) -> np.ndarray:
@@ -229,7 +235,10 @@ class LogMelStream:
       From the loudest frame on, features are identical.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clamp: bool = True) -> None:
+        """clamp=False: return the log10 mel power itself, for a caller that clamps against the max
+        over all its audio (as log_mel does) instead of the running max."""
+        self._clamp = clamp
         self._buffer = np.empty(0, dtype=np.float32)  # padded stream from the next frame's start
         self._recent = np.empty(0, dtype=np.float32)  # last samples, to reflect-pad the end
         self._n_samples = 0
@@ -269,5 +278,7 @@ class LogMelStream:
         _fill([(_windows(self._buffer, n_frames), out)])
         self._buffer = self._buffer[n_frames * HOP_LENGTH :]
         self._n_frames += n_frames
+        if not self._clamp:
+            return out
         self._peak = max(self._peak, float(out.max()))
-        return _clamp_and_scale(out, self._peak)
+        return clamp_and_scale(out, self._peak)

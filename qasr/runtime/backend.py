@@ -28,8 +28,13 @@ class Backend(ABC):
         """Encoder states [N, d_model] -> audio embeddings [N, hidden]."""
 
     @abstractmethod
-    def begin(self, capacity: int) -> None:
-        """Prepare the KV cache for one request of at most `capacity` tokens (allocated once)."""
+    def begin(self, capacity: int, keep: int = 0, owner: object | None = None) -> int:
+        """Prepare the KV cache for one request of at most `capacity` tokens (allocated once).
+
+        A stream re-decodes a prompt that grows at its end: when `owner` also made the previous
+        request, its cache rows [0, keep) are kept (the caller knows them unchanged) and the
+        number kept is returned, so only the rest is prefilled. Otherwise 0 rows are kept.
+        """
 
     @abstractmethod
     def decode(self, input_ids: np.ndarray, audio_embeds: np.ndarray, position: int) -> int:

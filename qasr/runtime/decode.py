@@ -39,16 +39,21 @@ def token_budget(seconds: float) -> int:
 
 def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray, audio_token: int,
                   budget: int, eos_ids: tuple[int, ...], keep_logits: bool = False,
-                  on_token: Callable[[int], None] | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Decoded:
-    """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order."""
+                  on_token: Callable[[int], None] | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                  keep: int = 0, owner: object | None = None) -> Decoded:
+    """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order.
+
+    `keep`, `owner`: a stream's step, whose prompt[:keep] is unchanged since `owner`'s last call;
+    the backend keeps those cache rows (Backend.begin) and only the rest is prefilled.
+    """
     began = time.perf_counter()
-    backend.begin(len(prompt) + budget)
+    kept = backend.begin(len(prompt) + budget, min(keep, len(prompt) - 1), owner)
     ids = np.asarray(prompt, dtype=np.int64)[None]
     is_audio = ids[0] == audio_token
     audio_before = np.concatenate([[0], np.cumsum(is_audio)])
     filler = np.zeros((1, 1, audio_embeds.shape[1]), dtype=np.float32)
     start = time.perf_counter()
-    for begin in range(0, len(prompt), prefill_chunk):
+    for begin in range(kept, len(prompt), prefill_chunk):
         end = min(begin + prefill_chunk, len(prompt))
         rows = audio_embeds[audio_before[begin] : audio_before[end]]
         token = backend.decode(ids[:, begin:end], rows[None] if len(rows) else filler, begin)

@@ -32,16 +32,27 @@ def embed_audio(backend: Backend, wave: np.ndarray, window_frames: int, timings:
     if mel.shape[1] == 0:
         raise AudioError(f"{source}: too short ({len(wave)} samples; at least 160, 10 ms, are needed)")
     add_time(timings, "frontend", time.perf_counter() - start)
+    return embed_features(backend, mel, window_frames, timings)
+
+
+def embed_features(backend: Backend, mel: np.ndarray, window_frames: int, timings: dict | None = None,
+                   later: bool = False) -> np.ndarray:
+    """Audio embeddings [N, hidden] of log-mel features [128, T]; adds 'encoder' seconds to timings.
+
+    `later`: the features are whole windows of a longer clip after its first window (a stream
+    re-encoding some of its windows), so even a part shorter than a chunk convolves as a window.
+    """
     start = time.perf_counter()
     embeds = []
     for begin, end in window_batches(mel.shape[1], window_frames):
         windows, frames, conv_frames = split_windows(mel[:, begin:end], window_frames)
-        if begin:  # a later batch holds no clip shorter than a chunk: convolve whole windows
+        if begin or later:  # past a clip's first batch no clip is shorter than a chunk: convolve whole windows
             conv_frames[:] = window_frames
         used = -(-int(frames.max()) // CHUNK_FRAMES) * CHUNK_FRAMES  # whole chunks, no empty ones
         hidden = backend.encode(np.ascontiguousarray(windows[:, :, :used]), frames, conv_frames)
         embeds.append(backend.project(join_windows(hidden, frames)))
-    add_time(timings, "encoder", time.perf_counter() - start)
+    if timings is not None:
+        add_time(timings, "encoder", time.perf_counter() - start)
     return np.concatenate(embeds)
 
 

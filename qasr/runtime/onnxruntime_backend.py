@@ -61,6 +61,7 @@ class OnnxRuntimeBackend(Backend):
         self.cache_shape = (model["num_hidden_layers"], 2, 1, model["num_key_value_heads"], 0, model["head_dim"])
         self.hidden_size = model["hidden_size"]
         self.cache: np.ndarray | None = None
+        self.owner: object | None = None
 
     def _session(self, name: str) -> ort.InferenceSession:
         path = self.bundle.graph_path(name)
@@ -75,15 +76,24 @@ class OnnxRuntimeBackend(Backend):
     def project(self, hidden):
         return self.sessions["projector"].run(None, {"hidden": hidden})[0]
 
-    def begin(self, capacity: int) -> None:
+    def begin(self, capacity: int, keep: int = 0, owner: object | None = None) -> int:
         """Allocate the cache and the decode step's bound buffers for this request.
 
         The cache is zero-filled, never np.empty: a masked row still meets a zero attention
-        weight, and 0 x NaN from uninitialised memory would poison the output.
+        weight, and 0 x NaN from uninitialised memory would poison the output. A stream's cache
+        (an `owner`) is kept while it is large enough and grows with headroom, so its steps
+        rarely copy; stale rows past the kept ones are finite and masked.
         """
         layers, two, batch, heads, _, dim = self.cache_shape
-        if self.cache is None or self.cache.shape[4] != capacity:
-            self.cache = np.zeros((layers, two, batch, heads, capacity, dim), dtype=np.float32)
+        keep = keep if owner is not None and owner is self.owner else 0
+        self.owner = owner
+        size = self.cache.shape[4] if self.cache is not None else 0
+        if size < capacity or (owner is None and size != capacity):
+            old = self.cache
+            rows = capacity if owner is None else capacity + capacity // 2
+            self.cache = np.zeros((layers, two, batch, heads, rows, dim), dtype=np.float32)
+            if keep:
+                self.cache[:, :, :, :, :keep] = old[:, :, :, :, :keep]
         vocab = self.bundle.manifest["graphs"]["decoder"]["outputs"]["logits"]["shape"][1]
         self.step_ids = np.zeros((1, 1), dtype=np.int64)
         self.step_position = np.zeros(1, dtype=np.int64)
@@ -92,6 +102,7 @@ class OnnxRuntimeBackend(Backend):
         self.last_logits = np.zeros((1, vocab), dtype=np.float32)
         self.step_rows = np.zeros((layers, two, batch, heads, 1, dim), dtype=np.float32)
         self.step_binding = self._bind(self.step_ids, self.step_audio, self.step_position, self.step_rows)
+        return keep
 
     def _bind(self, ids, audio, position, rows, filled: int | None = None) -> ort.IOBinding:
         """Bind a decoder call. The decode step reads the whole cache in place (masked past

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from qasr.errors import BundleError, EngineError, UsageError
 from qasr.runtime.bundle import Bundle, cache_names
 from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from qasr.runtime.cuda import Cuda, row_copy
+from qasr.runtime.cuda import Cuda, prefix_copy, row_copy
 from qasr.runtime.tensorrt_backend import ENGINES
 
 DERIVED = "derived"
@@ -111,12 +111,28 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         self.cuda.sync(self.stream)
         return value, None
 
-    def begin(self, capacity: int) -> None:
-        """The device cache for this request, and the decode step bound once to device buffers."""
+    def begin(self, capacity: int, keep: int = 0, owner: object | None = None) -> int:
+        """The device cache for this request, and the decode step bound once to device buffers.
+
+        As on the CPU backend, a stream's cache (an `owner`) is kept while large enough and grows
+        with headroom, its first `keep` rows copied on the device.
+        """
         layers, two, batch, heads, _, dim = self.cache_shape
-        shape = (layers, two, batch, heads, capacity, dim)
-        if self.cache_value is None or tuple(self.cache_value.shape()) != shape:
-            self.cache_value, self.cache = self._zeros(shape, self.cache_type)
+        keep = keep if owner is not None and owner is self.owner else 0
+        self.owner = owner
+        size = self.cache_value.shape()[4] if self.cache_value is not None else 0
+        if size < capacity or (owner is None and size != capacity):
+            rows = capacity if owner is None else capacity + capacity // 2
+            old_value, old = self.cache_value, self.cache
+            shape = (layers, two, batch, heads, rows, dim)
+            self.cache_value, new = self._zeros(shape, self.cache_type)
+            self.cache = new
+            if keep and old is not None and new is not None:
+                new[:, :, :, :, :keep] = old[:, :, :, :, :keep]
+            elif keep:
+                geometry = prefix_copy(shape, size, keep, np.dtype(self.cache_type).itemsize)
+                self.cuda.write_rows(self.cache_value.data_ptr(), old_value.data_ptr(), geometry, self.stream)
+                self.cuda.sync(self.stream)
         vocab = self.graphs["decoder"]["outputs"]["logits"]["shape"][1]
         self.step_ids = np.zeros((1, 1), dtype=np.int64)
         self.step_position = np.zeros(1, dtype=np.int64)
@@ -127,6 +143,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         self.step_binding = self._bind_device(self.step_ids, self.step_audio, self.step_position,
                                               self.step_logits, self.step_new_kv[0])
         self.last_logits_value = self.step_logits
+        return keep
 
     def _bind_device(self, ids: np.ndarray, audio: ort.OrtValue, position: np.ndarray, logits: ort.OrtValue,
                      rows: ort.OrtValue) -> ort.IOBinding:

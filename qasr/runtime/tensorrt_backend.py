@@ -25,7 +25,7 @@ import numpy as np
 from qasr.errors import EngineError
 from qasr.runtime.backend import Backend
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.cuda import Cuda, row_copy
+from qasr.runtime.cuda import Cuda, prefix_copy, row_copy
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -235,6 +235,7 @@ class TensorRTBackend(Backend):
         self.step_position = self.cuda.pinned(1, np.int64)
         self.next_token = self.cuda.pinned(1, np.int64)
         self.cache, self.capacity, self.graph = 0, 0, None
+        self.owner: object | None = None
         self.last = self.step
 
     def encode(self, mel, frames, conv_frames):
@@ -243,25 +244,37 @@ class TensorRTBackend(Backend):
     def project(self, hidden):
         return self.runners["projector"].run({"hidden": hidden})[0]
 
-    def begin(self, capacity: int) -> None:
-        """Allocate (or reuse) the device cache and capture the decode step for this capacity."""
-        needed = -(-capacity // CAPACITY_STEP) * CAPACITY_STEP
+    def begin(self, capacity: int, keep: int = 0, owner: object | None = None) -> int:
+        """Allocate (or reuse) the device cache and capture the decode step for this capacity.
+
+        A stream's cache (an `owner`) is kept while large enough, and grows with headroom under
+        the `keep` rows it copies across.
+        """
+        keep = keep if owner is not None and owner is self.owner else 0
+        self.owner = owner
         if capacity > self.max_capacity:
             raise EngineError(f"{self.bundle.path / ENGINES}: this request needs {capacity} cache rows and the "
                               f"engines hold {self.max_capacity} (built for {self.record['max_audio_s']:g} s of audio); "
                               f"rebuild for longer audio: `qasr build {self.bundle.path} --max-audio SECONDS`")
-        needed = min(needed, self.max_capacity)
-        if needed == self.capacity:
-            return
-        if self.cache:
-            self.cuda.free(self.cache)
-            self.cuda.call(self.cuda.rt.cudaGraphExecDestroy(self.graph))
+        wanted = capacity if owner is None else capacity + capacity // 2
+        needed = min(-(-wanted // CAPACITY_STEP) * CAPACITY_STEP, self.max_capacity)
+        if needed == self.capacity or (owner is not None and capacity <= self.capacity):
+            return keep
+        old, old_capacity = self.cache, self.capacity
         self.cache_shape = self.cache_shape[:4] + (needed,) + self.cache_shape[5:]
         nbytes = math.prod(self.cache_shape) * self.cache_itemsize
         self.cache, self.capacity = self.cuda.malloc(nbytes), needed
         self.cuda.zero(self.cache, nbytes, self.stream)
+        if old:
+            if keep:
+                self.cuda.write_rows(self.cache, old, prefix_copy(self.cache_shape, old_capacity, keep,
+                                                                  self.cache_itemsize), self.stream)
+            self.cuda.sync(self.stream)
+            self.cuda.free(old)
+            self.cuda.call(self.cuda.rt.cudaGraphExecDestroy(self.graph))
         self._bind_cache(self.prefill)
         self._capture_step()
+        return keep
 
     def _bind_cache(self, runner: Runner) -> None:
         layer_shape = self.cache_shape[2:]

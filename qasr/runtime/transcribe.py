@@ -27,6 +27,7 @@ from qasr.runtime.decode import greedy_decode, token_budget
 from qasr.runtime.embed import add_time, embed_audio
 from qasr.runtime.formats import Transcript
 from qasr.runtime.prompt import check_language, merge_languages, parse_output, prompt_ids
+from qasr.runtime.stream import MAX_NEW_TOKENS, SEGMENT_SECONDS, Stream
 from qasr.runtime.timestamps import split_units
 from qasr.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -106,6 +107,20 @@ class Transcriber:
         return Transcript(text="".join(texts), language=merge_languages(languages), token_ids=tokens,
                           audio=name, duration=duration, words=words if aligner else None, timings=timings,
                           truncated=truncated)
+
+    def stream(self, language: str | None = None, context: str = "", chunk_seconds: float = 2.0,
+               unfixed_chunks: int = 2, unfixed_tokens: int = 5, max_new_tokens: int = MAX_NEW_TOKENS,
+               segment_seconds: float = SEGMENT_SECONDS) -> Stream:
+        """A live stream: feed() it audio as it arrives, read the text after every `chunk_seconds`.
+
+        The official streaming policy (rollback of `unfixed_tokens` ids, no prefix for the first
+        `unfixed_chunks` chunks, `max_new_tokens` per step), computed incrementally; segments of
+        about `segment_seconds` (closed at a pause) keep an endless stream's cost flat, and 0
+        turns them off (the official policy exactly, at a cost that grows with the stream).
+        """
+        return Stream(self, language=language, context=context, chunk_seconds=chunk_seconds,
+                      unfixed_chunks=unfixed_chunks, unfixed_tokens=unfixed_tokens,
+                      max_new_tokens=max_new_tokens, segment_seconds=segment_seconds)
 
     def transcribe_many(self, audios: Iterable, **options) -> Iterator[tuple[object, Transcript | QasrError]]:
         """(audio, result) for each recording in turn; a bad one yields its error and the rest go on."""
