@@ -44,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     export = commands.add_parser("export", help="export a checkpoint to a bundle of ONNX graphs")
-    export.add_argument("checkpoint", help="a local checkpoint directory, or a Hugging Face model id")
+    export.add_argument("checkpoint", help="a local checkpoint directory, a Hugging Face model id, or an fp32 "
+                                           "bundle to quantize (no torch needed)")
     export.add_argument("--out", required=True, type=Path, help="the bundle directory to write")
+    export.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
+                        help="decoder (or aligner) weights, head and embedding included (default fp32)")
+    export.add_argument("--encoder-weights", choices=["fp32", "int8"], default="fp32",
+                        help="audio encoder and projector weights (default fp32)")
     export.set_defaults(run=run_export)
 
     transcribe = commands.add_parser("transcribe", help="transcribe audio files with a bundle")
@@ -100,10 +105,19 @@ def _positive(text: str) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    if (Path(args.checkpoint) / "manifest.json").is_file():  # an fp32 bundle: the post-pass alone
+        from qasr.export.quantize import quantize_bundle
+
+        print(quantize_bundle(args.checkpoint, args.out, args.weights, args.encoder_weights, progress))
+        return 0
     from qasr.export.onnx_export import export_bundle, resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint)
-    out = export_bundle(checkpoint, args.out, progress=lambda line: print(line, file=sys.stderr))
+    out = export_bundle(checkpoint, args.out, progress=progress, weights=args.weights,
+                        encoder_weights=args.encoder_weights)
     print(out)
     return 0
 

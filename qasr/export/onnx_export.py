@@ -47,13 +47,24 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print) -> Path:
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, weights: str = "fp32",
+                  encoder_weights: str = "fp32") -> Path:
     """Export a local checkpoint directory to a bundle directory.
 
     The bundle is written beside `out_dir` and moved into place only when complete, so a failed
-    or interrupted export never leaves a half bundle or damages an existing one.
+    or interrupted export never leaves a half bundle or damages an existing one. int8/int4
+    `weights` (and `encoder_weights`) are a post-pass over the fp32 export (qasr.export.quantize),
+    whose fp32 graphs are dropped once quantized.
     """
     checkpoint, out = Path(checkpoint), Path(out_dir)
+    if weights != "fp32" or encoder_weights != "fp32":
+        from qasr.export.quantize import check_weights, quantize_bundle
+
+        check_weights(weights, encoder_weights)  # before minutes of export, not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.fp32.") as tmp:
+            fp32 = export_bundle(checkpoint, Path(tmp) / "fp32", progress)
+            return quantize_bundle(fp32, out, weights, encoder_weights, progress, reference=False)
     progress(f"loading {checkpoint}")
     model = Thinker.from_pretrained(checkpoint)
     config = model.config
