@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     _backend_options(align)
     align.set_defaults(run=run_align)
 
+    verify = commands.add_parser("verify", help="check a bundle (any precision, any backend) against fp32 on "
+                                                "your audio")
+    verify.add_argument("model", help="the bundle to check")
+    verify.add_argument("audio", nargs="+", help="audio files (at most 20 minutes each)")
+    verify.add_argument("--reference", help="the fp32 bundle or checkpoint to compare with (default: the fp32 "
+                                            "bundle the model was quantized from, when its manifest records one)")
+    verify.add_argument("--format", choices=["text", "json"], default="text")
+    verify.add_argument("--max-new-tokens", type=_positive, help="cap the token budget (default grows with the audio)")
+    _backend_options(verify)
+    verify.set_defaults(run=run_verify)
+
     commands.add_parser("bench", help="benchmark against the official backend (`qasr bench --help`)")
 
     info = commands.add_parser("info", help="describe a checkpoint directory and check its files")
@@ -158,6 +169,20 @@ def run_transcribe(args: argparse.Namespace) -> int:
         else:
             print(text, end="", flush=True)
     return 1 if failed else 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Exit 0 within the limits of the precision under test, 1 with one line naming the stage otherwise."""
+    from qasr.runtime.verify import verify
+
+    report = verify(args.model, args.audio, reference=args.reference, backend=args.backend, threads=args.threads,
+                    max_new_tokens=args.max_new_tokens)
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.format == "json" else report.to_text(), end="")
+    print("" if args.format == "text" else "\n", end="")
+    shortfall = report.shortfall()
+    if shortfall:
+        print(f"qasr: verify: {shortfall}", file=sys.stderr)
+    return 1 if shortfall else 0
 
 
 def run_align(args: argparse.Namespace) -> int:
