@@ -153,3 +153,26 @@ def test_quantizer_import_leaves_logging_alone(bundle, tmp_path):
     before = (root.level, list(root.handlers))
     quantize_bundle(bundle("tiny"), tmp_path / "q", "int4", progress=lambda line: None)
     assert (root.level, list(root.handlers)) == before
+
+
+def test_prepacked_copies_load_and_match(capsys, bundle, tmp_path):
+    """`--prepack` saves each graph optimised with its weights packed; the backend opens those copies
+    here (same ids and logits as the portable graphs) and ignores them once the record is not this machine's."""
+    from qasr.runtime.prepack import PREPACKED, RECORD, prepacked_graph
+    from qasr.runtime.transcribe import Transcriber
+
+    out = tmp_path / "int4"
+    assert main(["export", str(bundle("tiny")), "--out", str(out), "--weights", "int4", "--prepack"]) == 0
+    loaded = Bundle.load(out)
+    assert all(prepacked_graph(loaded, name) for name in loaded.manifest["graphs"])
+    plain = Transcriber.load(quantize_bundle(bundle("tiny"), tmp_path / "plain", "int4", progress=lambda line: None),
+                             backend="onnxruntime").transcribe(EN, max_new_tokens=6)
+    model = Transcriber.load(out, backend="onnxruntime")
+    packed = model.transcribe(EN, max_new_tokens=6)
+    assert packed.token_ids == plain.token_ids
+    assert model.backend.sessions["decoder"]._model_path == str(out / PREPACKED / "decoder.onnx")
+    record = out / PREPACKED / RECORD
+    stale = json.loads(record.read_text())
+    stale["machine"]["onnxruntime"] = "0.0"
+    record.write_text(json.dumps(stale))
+    assert prepacked_graph(Bundle.load(out), "decoder") is None

@@ -42,7 +42,7 @@ WEIGHTS = ("fp32", "int8", "int4")
 ENCODER_WEIGHTS = ("fp32", "int8")
 QUANTIZER = "onnxruntime.quantization.matmul_nbits_quantizer"
 AUDIO_GRAPHS = ("encoder", "projector")
-SKIPPED = ("derived", "engines")  # per-precision products of the fp32 graphs: rebuilt, never copied
+SKIPPED = ("derived", "engines", "prepacked")  # products of the fp32 graphs: rebuilt, never copied
 
 
 @dataclass(frozen=True)
