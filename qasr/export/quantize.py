@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from onnx.external_data_helper import load_external_data_for_model
 from qasr import __version__
 from qasr.errors import BundleError, UsageError
 from qasr.export.onnx_files import DATA_THRESHOLD, graph_contract, unalias_shared_weights
-from qasr.runtime.bundle import MANIFEST, Bundle
+from qasr.runtime.bundle import MANIFEST, Bundle, staged
 
 WEIGHTS = ("fp32", "int8", "int4")
 ENCODER_WEIGHTS = ("fp32", "int8")
@@ -72,33 +71,25 @@ def quantize_bundle(source: str | Path, out: str | Path, weights: str = "int4", 
     if bundle.manifest.get("precision", "fp32") != "fp32" or "weights" in bundle.manifest:
         raise BundleError(f"{bundle.path}: already quantized; quantize from the fp32 bundle it came from")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(json.dumps(bundle.manifest))
     manifest["precision"] = weights
     manifest["weights"] = {}
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        staging = Path(tmp)
+    with staged(out) as staging:
         for name, entry in bundle.manifest["graphs"].items():
             precision = encoder_weights if name in AUDIO_GRAPHS else weights
-            src = bundle.graph_path(name)
             if precision == "fp32":
                 for file in [entry["file"], *entry.get("data", [])]:
                     shutil.copyfile(bundle.path / file, staging / file)
                 continue
             progress(f"quantizing {name} to {precision}")
             manifest["graphs"][name], manifest["weights"][name] = quantize_graph(
-                src, staging / entry["file"], SCHEMES[precision])
+                bundle.graph_path(name), staging / entry["file"], SCHEMES[precision])
         _copy_other_files(bundle, staging)
         import onnxruntime
 
         manifest["quantizer"] = {"name": QUANTIZER, "onnxruntime": onnxruntime.__version__, "qasr": __version__}
         manifest["reference"] = str(bundle.path.resolve()) if reference else None
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        staging.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-        staging.mkdir()
     return out
 
 

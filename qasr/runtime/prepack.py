@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
 
-from qasr.runtime.bundle import Bundle
+from qasr.runtime.bundle import Bundle, staged
 
 PREPACKED = "prepacked"
 RECORD = "prepacked.json"
@@ -62,8 +60,7 @@ def write_prepacked(bundle: Bundle, options: Callable[[], ort.SessionOptions],
     """Write BUNDLE/prepacked/ (every graph, optimised and packed for this machine), staged and moved
     into place when complete. `options` gives the session options the backend itself uses."""
     out = bundle.path / PREPACKED
-    with tempfile.TemporaryDirectory(dir=bundle.path, prefix=f".{PREPACKED}.") as tmp:
-        staging = Path(tmp)
+    with staged(out) as staging:
         for name, entry in bundle.manifest["graphs"].items():
             progress(f"prepacking {name}")
             settings = options()
@@ -76,11 +73,6 @@ def write_prepacked(bundle: Bundle, options: Callable[[], ort.SessionOptions],
             ort.InferenceSession(str(bundle.graph_path(name)), settings, providers=["CPUExecutionProvider"])
         record = {"machine": machine(), "source_sha256": _bundle_key(bundle), "graphs": list(bundle.manifest["graphs"])}
         (staging / RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        staging.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-        staging.mkdir()
     return out
 
 
