@@ -176,3 +176,9 @@ def test_prepacked_copies_load_and_match(capsys, bundle, tmp_path):
     stale["machine"]["onnxruntime"] = "0.0"
     record.write_text(json.dumps(stale))
     assert prepacked_graph(Bundle.load(out), "decoder") is None
+
+
+def test_tensorrt_build_of_a_quantized_bundle_is_one_line(capsys, quantized, bundle):
+    code = main(["build", str(quantized("int4")), "--graphs-only"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qasr: error: ")]
+    assert code == 1 and len(lines) == 1 and f"qasr build {Path(bundle('tiny')).resolve()}" in lines[0]

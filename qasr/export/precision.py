@@ -58,6 +58,10 @@ def derive_bundle(bundle: Bundle, precision: str, progress: Callable[[str], None
 
     Staged beside the target and moved into place when complete, like the export itself.
     """
+    if bundle.manifest.get("weights"):
+        reference = bundle.manifest.get("reference") or "the fp32 bundle it was quantized from"
+        raise BundleError(f"{bundle.path}: {bundle.manifest['precision']} weights (MatMulNBits) run on ONNX Runtime; "
+                          f"TensorRT engines are built from the fp32 graphs: `qasr build {reference}`")
     out = derived_dir(bundle, precision)
     if derived_is_current(bundle, precision):
         return out
