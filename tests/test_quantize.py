@@ -182,3 +182,45 @@ def test_tensorrt_build_of_a_quantized_bundle_is_one_line(capsys, quantized, bun
     code = main(["build", str(quantized("int4")), "--graphs-only"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qasr: error: ")]
     assert code == 1 and len(lines) == 1 and f"qasr build {Path(bundle('tiny')).resolve()}" in lines[0]
+
+
+def test_tensorrt_int4_graphs_are_in_the_operator_table_and_run(bundle, tmp_path):
+    """`qasr build --weights int4` derives DequantizeLinear(int4, axis 0, block) -> MatMul for every decoder
+    weight (written, type-checked and checked against onnx-tensorrt's table; no TensorRT ran here). The
+    fp32 flavour of the same graph runs on ONNX Runtime's CPU, close to the fp32 decoder."""
+    import shutil
+
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from qasr.export.precision import derive_bundle
+
+    source = tmp_path / "fp32"
+    shutil.copytree(bundle("tiny"), source)
+    loaded = Bundle.load(source)
+    table = json.loads((Path(__file__).parent.parent / "qasr" / "export" / "trt_operators.json").read_text())
+    supported = {op: {t.strip() for t in types.split(",")} for op, types in
+                 table["tables"]["10.15"]["operators"].items()}
+    kinds = {TensorProto.INT4: "INT4", TensorProto.BFLOAT16: "BF16", TensorProto.FLOAT: "FP32"}
+    for precision in ("bf16", "fp32"):
+        derived = derive_bundle(loaded, precision, progress=lambda line: None, weights="int4")
+        model = onnx.load(str(derived / "decoder.onnx"), load_external_data=False)
+        assert model.opset_import[0].version == 21 <= table["tables"]["10.15"]["max_opset"]
+        assert table["tables"]["10.3"]["max_opset"] < 21  # hence: not for JetPack 6's TensorRT 10.3
+        inits = {t.name: t for t in model.graph.initializer}
+        dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(dq) == 15 and "Gemm" not in {n.op_type for n in model.graph.node}
+        for node in dq:
+            assert inits[node.input[0]].data_type == TensorProto.INT4 and len(node.input) == 2  # symmetric
+            assert kinds[inits[node.input[0]].data_type] in supported["DequantizeLinear"]
+            assert kinds[inits[node.input[1]].data_type] == precision.upper()
+    session = {name: ort.InferenceSession(str(path)) for name, path in
+               (("fp32", source / "decoder.onnx"), ("int4", derived / "decoder.onnx"))}
+    t = loaded.model["text"]
+    feeds = {"input_ids": np.array([[151644, 8948, 198, 151645, 198]], dtype=np.int64),
+             "audio_embeds": np.zeros((1, 1, t["hidden_size"]), dtype=np.float32),
+             "position": np.zeros(1, dtype=np.int64),
+             **{f"past_{kind}_{layer}": np.zeros((1, t["num_key_value_heads"], 0, t["head_dim"]), dtype=np.float32)
+                for layer in range(t["num_hidden_layers"]) for kind in ("key", "value")}}
+    a, b = (session[name].run(["logits"], feeds)[0][0] for name in ("fp32", "int4"))
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.8

@@ -22,6 +22,7 @@ and run once per clip, and low-bit encoders are known to drift, so 8 bits at lea
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -55,6 +56,7 @@ class Scheme:
 
 
 SCHEMES = {"int8": Scheme(8, 32, True, 4), "int4": Scheme(4, 32, False, 4)}
+TENSORRT_INT4_BLOCK = 128  # the block size TensorRT's int4 weight-only examples use (unverified here)
 
 
 def quantize_bundle(source: str | Path, out: str | Path, weights: str = "int4", encoder_weights: str = "fp32",
@@ -104,8 +106,6 @@ def check_weights(weights: str, encoder_weights: str) -> None:
 def _quantizer():
     """ONNX Runtime's quantizer module. Importing it calls logging.basicConfig(level=INFO), which
     would make every library's INFO lines appear; the root logger is put back as it was."""
-    import logging
-
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization import matmul_nbits_quantizer
@@ -147,6 +147,28 @@ def quantize_graph(src: Path, dst: Path, scheme: Scheme) -> tuple[dict, dict]:
     settings = {**asdict(scheme), "block_size": block, "format": "MatMulNBits",
                 "quantized": _count_ops(saved), "tied_table_stored_once": bool(aliases)}
     return {"file": dst.name, "data": [data.name], **graph_contract(saved)}, settings
+
+
+def qdq_int4(model: onnx.ModelProto, block_size: int = TENSORRT_INT4_BLOCK) -> onnx.ModelProto:
+    """The engine path's weight-only int4 (`qasr build --weights int4`): every weight MatMul, the head
+    included, as DequantizeLinear(int4, scale, axis 0, block_size) -> MatMul, written by the same
+    quantizer in its QDQ format, symmetric (TensorRT takes no zero points). Opset 21 (int4 and
+    blocked DequantizeLinear). The embedding gather keeps its float table (a tied one is then held
+    twice: float for the gather, int4 for the head). `model` must hold its weights (external data loaded).
+    """
+    gemms_to_matmuls(model)
+    quantizer = _quantizer()
+    quantizer.logger.setLevel(logging.ERROR)  # its warnings that it raises the opset to 21: wanted here
+    run = quantizer.MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                         quant_format=_quant_format().QDQ, op_types_to_quantize=("MatMul",))
+    run.process()
+    return run.model.model
+
+
+def _quant_format():
+    from onnxruntime.quantization import QuantFormat
+
+    return QuantFormat
 
 
 def _block_size(model: onnx.ModelProto, wanted: int) -> int:

@@ -175,13 +175,14 @@ def _reference_bundle(path: str, scratch: Path) -> str:
 def stage_precisions(model: Transcriber) -> dict[str, str]:
     """The precision each stage is judged at: its graphs' weights, or the engines' type if lossier."""
     weights = {name: f"int{entry['bits']}" for name, entry in model.bundle.manifest.get("weights", {}).items()}
-    engines = getattr(model.backend, "record", {}).get("precision", "fp32")
+    record = getattr(model.backend, "record", {})  # TensorRT engines: their precision and weights
+    engines = record.get("precision", "fp32")
 
     def lossiest(*kinds: str) -> str:
         return max(kinds, key=ORDER.index)
 
     audio = lossiest(weights.get("encoder", "fp32"), weights.get("projector", "fp32"), engines)
-    decoder = lossiest(weights.get("decoder", "fp32"), engines)
+    decoder = lossiest(weights.get("decoder", "fp32"), engines, record.get("weights", "fp32"))
     both = lossiest(audio, decoder)
     return {"audio": audio, "decoder": decoder, "ids": both, "text": both}
 
