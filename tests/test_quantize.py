@@ -138,13 +138,16 @@ def test_cli_export_from_checkpoint_and_transcribe(capsys, checkpoint, tmp_path)
 @pytest.mark.parametrize("argv, needle", [
     (["--weights", "int8"], "already quantized"),
     (["--weights", "fp32"], "nothing to quantize"),
+    (["--weights", "int4", "--over"], "not over it"),
 ])
 def test_bad_requests_are_one_line(capsys, quantized, bundle, tmp_path, argv, needle):
     source = quantized("int8") if needle == "already quantized" else bundle("tiny")
-    assert main(["export", str(source), "--out", str(tmp_path / "x"), *argv]) == 1
+    out = source if "--over" in argv else tmp_path / "x"
+    assert main(["export", str(source), "--out", str(out), *[a for a in argv if a != "--over"]]) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qasr: error: ")]
     assert len(lines) == 1 and needle in lines[0]
-    assert not (tmp_path / "x").exists()
+    assert not (tmp_path / "x").exists() and Bundle.load(source).manifest["precision"] == (
+        "int8" if needle == "already quantized" else "fp32")
 
 
 def test_quantizer_import_leaves_logging_alone(bundle, tmp_path):

@@ -76,6 +76,8 @@ def quantize_bundle(source: str | Path, out: str | Path, weights: str = "int4", 
     if bundle.manifest.get("precision", "fp32") != "fp32" or "weights" in bundle.manifest:
         raise BundleError(f"{bundle.path}: already quantized; quantize from the fp32 bundle it came from")
     out = Path(out)
+    if out.resolve() == bundle.path.resolve():
+        raise UsageError(f"{out}: write the quantized bundle beside its fp32 source, not over it (verify needs both)")
     manifest = json.loads(json.dumps(bundle.manifest))
     manifest["precision"] = weights
     manifest["weights"] = {}
@@ -136,8 +138,9 @@ def quantize_graph(src: Path, dst: Path, scheme: Scheme) -> tuple[dict, dict]:
     load_external_data_for_model(model, str(src.parent))
     block = _block_size(model, scheme.block_size)
     gemms_to_matmuls(model)
-    quantizer = _quantizer().MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=block, is_symmetric=scheme.symmetric,
-                                     accuracy_level=scheme.accuracy_level, op_types_to_quantize=("MatMul",))
+    quantizer = _quantizer().MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=block,
+                                                  is_symmetric=scheme.symmetric, accuracy_level=scheme.accuracy_level,
+                                                  op_types_to_quantize=("MatMul",))
     quantizer.process()
     model = quantizer.model.model
     aliases = quantize_gathers(model, Scheme(scheme.bits, block, scheme.symmetric, scheme.accuracy_level))
