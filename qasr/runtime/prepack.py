@@ -7,8 +7,8 @@ optimised graph with the packed weights in its external data file
 graph optimisation off, maps them instead of packing them again. The packed layout depends on the
 CPU's instruction set and on the ONNX Runtime version, so the copies live in BUNDLE/prepacked/
 with a record of both, and the backend uses them only where the record matches; anywhere else it
-opens the portable graphs. Measured (docs/benchmarks.md, "Quantized weights"): half the session
-time, for about twice the graph's bytes on disk.
+opens the portable graphs. Measured (docs/benchmarks.md, "Quantized weights"): every weight ready
+in less than half the time, for about twice the graphs' bytes again on disk.
 """
 
 from __future__ import annotations
