@@ -49,9 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     export = commands.add_parser("export", help="export a checkpoint to a bundle of ONNX graphs")
-    export.add_argument("checkpoint", help="a local checkpoint directory, or a Hugging Face model id")
+    export.add_argument("checkpoint", help="a local checkpoint directory, a Hugging Face model id, or an fp32 "
+                                           "bundle to quantize (no torch needed)")
     export.add_argument("--out", type=Path, help="the bundle directory to write (default: into qasr's model "
                         "cache, where --model finds it)")
+    export.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
+                        help="decoder (or aligner) weights, head and embedding included (default fp32)")
+    export.add_argument("--encoder-weights", choices=["fp32", "int8"], default="fp32",
+                        help="audio encoder and projector weights (default fp32)")
+    export.add_argument("--prepack", action="store_true",
+                        help="also save the graphs with their weights packed for this CPU and ONNX Runtime "
+                             "(a faster cold start here; other machines use the portable graphs)")
     export.set_defaults(run=run_export)
 
     transcribe = commands.add_parser("transcribe", help="transcribe audio files with a bundle")
@@ -90,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--format", choices=["json", "srt", "vtt"], default="json")
     _backend_options(align)
     align.set_defaults(run=run_align)
+
+    verify = commands.add_parser("verify", help="check a bundle (any precision, any backend) against fp32 on "
+                                                "your audio")
+    verify.add_argument("model", help="the bundle to check")
+    verify.add_argument("audio", nargs="+", help="audio files (at most 20 minutes each)")
+    verify.add_argument("--reference", help="the fp32 bundle or checkpoint to compare with (default: the fp32 "
+                                            "bundle the model was quantized from, when its manifest records one)")
+    verify.add_argument("--format", choices=["text", "json"], default="text")
+    verify.add_argument("--max-new-tokens", type=_positive, help="cap the token budget (default grows with the audio)")
+    _backend_options(verify)
+    verify.set_defaults(run=run_verify)
 
     commands.add_parser("bench", help="benchmark against the official backend (`qasr bench --help`)")
 
@@ -138,17 +157,35 @@ def _positive(text: str) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr)
+
     from qasr.runtime.resolve import cached_export, checkpoint_dir, writable_dir
 
     if args.out is not None:  # before a download or an export is spent
         writable_dir(args.out.parent, "the bundle's parent directory")
-    checkpoint = checkpoint_dir(args.checkpoint)
-    if args.out is None:
-        print(cached_export(checkpoint, name=args.checkpoint))
-        return 0
-    from qasr.export.onnx_export import export_bundle
+    if (Path(args.checkpoint) / "manifest.json").is_file():  # an fp32 bundle: the post-pass alone
+        from qasr.export.quantize import quantize_bundle
 
-    print(export_bundle(checkpoint, args.out, progress=lambda line: print(line, file=sys.stderr)))
+        if args.out is None:
+            raise UsageError(f"{args.checkpoint}: quantizing a bundle needs --out DIR")
+        out = quantize_bundle(args.checkpoint, args.out, args.weights, args.encoder_weights, progress)
+    else:
+        checkpoint = checkpoint_dir(args.checkpoint)
+        if args.out is None:
+            out = cached_export(checkpoint, args.weights, name=args.checkpoint, encoder_weights=args.encoder_weights)
+        else:
+            from qasr.export.onnx_export import export_bundle
+
+            out = export_bundle(checkpoint, args.out, progress=progress, weights=args.weights,
+                                encoder_weights=args.encoder_weights)
+    if args.prepack:
+        from qasr.runtime.bundle import Bundle
+        from qasr.runtime.onnxruntime_backend import session_options
+        from qasr.runtime.prepack import write_prepacked
+
+        write_prepacked(Bundle.load(out), lambda: session_options(None), progress)
+    print(out)
     return 0
 
 
@@ -188,6 +225,20 @@ def run_transcribe(args: argparse.Namespace) -> int:
             print(f"qasr: error: {exc}", file=sys.stderr)
             failed += 1
     return 1 if failed else 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    """Exit 0 within the limits of the precision under test, 1 with one line naming the stage otherwise."""
+    from qasr.runtime.verify import verify
+
+    report = verify(args.model, args.audio, reference=args.reference, backend=args.backend, threads=args.threads,
+                    max_new_tokens=args.max_new_tokens)
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.format == "json" else report.to_text(), end="")
+    print("" if args.format == "text" else "\n", end="")
+    shortfall = report.shortfall()
+    if shortfall:
+        print(f"qasr: verify: {shortfall}", file=sys.stderr)
+    return 1 if shortfall else 0
 
 
 def run_align(args: argparse.Namespace) -> int:

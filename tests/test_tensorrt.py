@@ -36,7 +36,8 @@ from qasr.runtime.windows import join_windows, split_windows
 
 ROOT = Path(__file__).parent.parent
 GPU_MODULES = ["qasr/runtime/tensorrt_backend.py", "qasr/runtime/cuda.py", "qasr/export/tensorrt_build.py",
-               "qasr/runtime/onnxruntime_cuda.py", "qasr/export/precision.py"]
+               "qasr/runtime/onnxruntime_cuda.py", "qasr/export/precision.py", "qasr/export/quantize.py",
+               "qasr/runtime/verify.py", "qasr/runtime/prepack.py"]
 MYPY_CONFIG = """
 [mypy]
 python_version = 3.10

@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from qasr import __version__
-from qasr.errors import CheckpointError, UsageError
+from qasr.errors import CheckpointError
 from qasr.export.onnx_files import DATA_THRESHOLD, alias_shared_weights, graph_contract
 from qasr.models.config import ModelConfig
 from qasr.models.thinker import EOS_IDS, Thinker
@@ -27,16 +27,24 @@ from qasr.runtime.tokenizer import SOURCE_FILES, TOKENIZER_FILE, Tokenizer
 OPSET = 20
 
 
-def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, weights: str = "fp32") -> Path:
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, weights: str = "fp32",
+                  encoder_weights: str = "fp32") -> Path:
     """Export a local checkpoint directory to a bundle directory.
 
     The bundle is written beside `out_dir` and moved into place only when complete, so a failed
-    or interrupted export never leaves a half bundle or damages an existing one.
+    or interrupted export never leaves a half bundle or damages an existing one. int8/int4
+    `weights` (and `encoder_weights`) are a post-pass over the fp32 export (qasr.export.quantize),
+    whose fp32 graphs are dropped once quantized.
     """
     checkpoint, out = Path(checkpoint), Path(out_dir)
-    if weights != "fp32":
-        raise UsageError(f"--weights {weights}: only fp32 bundles are exported so far")
-    writable_dir(out.parent, "the bundle's parent directory")  # before a minute of work, not after
+    writable_dir(out.parent, "the bundle's parent directory")  # before minutes of work, not after
+    if weights != "fp32" or encoder_weights != "fp32":
+        from qasr.export.quantize import check_weights, quantize_bundle
+
+        check_weights(weights, encoder_weights)  # before minutes of export, not after
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.fp32.") as tmp:
+            fp32 = export_bundle(checkpoint, Path(tmp) / "fp32", progress)
+            return quantize_bundle(fp32, out, weights, encoder_weights, progress, reference=False)
     progress(f"loading {checkpoint}")
     model = Thinker.from_pretrained(checkpoint)
     config = model.config

@@ -46,6 +46,7 @@ LOW_TYPES = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16, "fp32": 
 NUMPY: dict[int, Any] = {TensorProto.BFLOAT16: ml_dtypes.bfloat16, TensorProto.FLOAT16: np.float16, FLOAT: np.float32}
 FLOATS = set(NUMPY)
 FP16_CLAMP = 65504.0 - 1000.0
+PACKED = {TensorProto.INT4, TensorProto.UINT4}
 def is_cache(name: str) -> bool:
     """The KV cache (past_key_i, past_value_i, new_kv) lives on the device in the engine's own type."""
     return name == "new_kv" or name.startswith(("past_key_", "past_value_"))
@@ -53,24 +54,38 @@ ISLAND_OPS = {"Softmax", "LayerNormalization", "ArgMax"}
 TYPE_FREE_INPUTS = {"Shape", "Size", "Cast"}  # ops that read any input type
 
 
-def derive_bundle(bundle: Bundle, precision: str, progress: Callable[[str], None] = print) -> Path:
-    """Write BUNDLE/derived/<precision>/ (graphs + graphs.json) unless it is already current.
+def derived_name(precision: str, weights: str = "fp32") -> str:
+    """BUNDLE/derived/<this>: the precision, with `-int4` where the weights are int4 (Q/DQ)."""
+    return precision if weights == "fp32" else f"{precision}-{weights}"
+
+
+def derive_bundle(bundle: Bundle, precision: str, progress: Callable[[str], None] = print,
+                  weights: str = "fp32") -> Path:
+    """Write BUNDLE/derived/<precision>[-int4]/ (graphs + graphs.json) unless it is already current.
 
     Staged beside the target and moved into place when complete, like the export itself.
+    `weights="int4"`: the decoder's (or aligner's) weight matrices as int4 Q/DQ (unverified on
+    TensorRT: docs/tensorrt.md); the audio graphs keep `precision`.
     """
-    out = derived_dir(bundle, precision)
-    if derived_is_current(bundle, precision):
+    if bundle.manifest.get("weights"):
+        reference = bundle.manifest.get("reference") or "the fp32 bundle it was quantized from"
+        raise BundleError(f"{bundle.path}: {bundle.manifest['precision']} weights (MatMulNBits) run on ONNX Runtime; "
+                          f"TensorRT engines are built from the fp32 graphs: `qasr build {reference}`")
+    name = derived_name(precision, weights)
+    out = derived_dir(bundle, name)
+    if derived_is_current(bundle, name):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     layers = bundle.model["audio"]["encoder_layers"]
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{precision}.") as tmp:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}.") as tmp:
         staging = Path(tmp)
         contracts = {}
-        for name in bundle.manifest["graphs"]:
-            progress(f"deriving {precision} {name}")
-            contracts[name] = derive_graph(bundle.graph_path(name), staging / f"{name}.onnx", precision,
-                                           layers if name == "encoder" else 0)
-        record = {"precision": precision, "dialect": "portable", "qasr_version": __version__,
+        for graph in bundle.manifest["graphs"]:
+            int4 = weights == "int4" and graph in ("decoder", "aligner")
+            progress(f"deriving {precision}{' with int4 weights' if int4 else ''} {graph}")
+            contracts[graph] = derive_graph(bundle.graph_path(graph), staging / f"{graph}.onnx", precision,
+                                            layers if graph == "encoder" else 0, int4_weights=int4)
+        record = {"precision": precision, "weights": weights, "dialect": "portable", "qasr_version": __version__,
                   "source_sha256": bundle.manifest["source"]["sha256"], "graphs": contracts}
         (staging / RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
         if out.exists():
@@ -80,10 +95,17 @@ def derive_bundle(bundle: Bundle, precision: str, progress: Callable[[str], None
     return out
 
 
-def derive_graph(src: Path, dst: Path, precision: str, encoder_layers: int = 0) -> dict:
+def derive_graph(src: Path, dst: Path, precision: str, encoder_layers: int = 0, int4_weights: bool = False) -> dict:
     """One graph file -> its derived copy with its own external data; returns its contract."""
     model = onnx.load(str(src), load_external_data=False)
     unalias_shared_weights(model)
+    if int4_weights:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        from qasr.export.quantize import qdq_int4
+
+        load_external_data_for_model(model, str(src.parent))
+        model = qdq_int4(model)
     model = onnx.shape_inference.infer_shapes(model)
     graph = TypedGraph(model, str(src))
     graph.make_portable()
@@ -392,8 +414,12 @@ def write_weights(model: onnx.ModelProto, source_dir: Path, dst: Path, types: di
     data = dst.with_name(dst.name + ".data")
     with open(data, "wb") as out:
         for index, tensor in enumerate(model.graph.initializer):
-            converted = convert_tensor(tensor, types.get(tensor.name, tensor.data_type), str(dst),
-                                       read_initializer(tensor, source_dir))
+            if tensor.data_type in PACKED:  # packed int4 (Q/DQ weights): its bytes as they are
+                converted = TensorProto()
+                converted.CopyFrom(tensor)
+            else:
+                converted = convert_tensor(tensor, types.get(tensor.name, tensor.data_type), str(dst),
+                                           read_initializer(tensor, source_dir))
             if len(converted.raw_data) > DATA_THRESHOLD:
                 offset = out.tell()
                 out.write(converted.raw_data)

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("bundle", type=Path, help="a bundle directory written by `qasr export`")
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16",
                         help="bf16 (default; GPUs of compute capability 8.0+), fp16 (older GPUs), fp32 (parity checks)")
+    parser.add_argument("--weights", choices=["fp32", "int4"], default="fp32",
+                        help="int4: the decoder's weight matrices as block-quantized int4 Q/DQ, weight-only "
+                             "(needs a TensorRT that parses opset 21; unverified, see docs/tensorrt.md)")
     parser.add_argument("--max-audio", type=float, default=1200.0, metavar="SECONDS",
                         help="longest audio the engines serve in one pass; sizes the profiles and the KV cache "
                              "(default 1200, the pipeline's one-pass limit; use 300 or less on 8 GB Jetsons)")
@@ -58,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_audio <= 0:
         raise EngineError(f"--max-audio must be positive, not {args.max_audio:g}")
     if args.graphs_only:
-        print(derive(bundle, args.precision))
+        print(derive(bundle, args.precision, args.weights))
         return 0
     here = {"tensorrt": tensorrt_version(), **Cuda().device()}
-    graphs = derive(bundle, args.precision)
+    graphs = derive(bundle, args.precision, args.weights)
     contracts = json.loads((graphs / "graphs.json").read_text(encoding="utf-8"))["graphs"]
     plans = profiles(bundle.manifest, args.max_audio)
     cache_file = args.timing_cache or bundle.path / ENGINES / TIMING_CACHE
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             engines[name] = {"file": f"{name}.plan", "graph": str((graphs / contract["file"]).relative_to(bundle.path)),
                              "profiles": plans[name], "build_seconds": round(time.perf_counter() - start, 1)}
         record = {"format": RECORD_FORMAT[0], "format_version": RECORD_FORMAT[1], "qasr_version": __version__,
-                  **here, "precision": args.precision, "max_audio_s": args.max_audio,
+                  **here, "precision": args.precision, "weights": args.weights, "max_audio_s": args.max_audio,
                   "source_sha256": bundle.manifest["source"]["sha256"],
                   "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "engines": engines}
@@ -95,11 +98,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def derive(bundle: Bundle, precision: str) -> Path:
+def derive(bundle: Bundle, precision: str, weights: str = "fp32") -> Path:
     """The derived graphs (imported late: deriving needs onnx, building needs TensorRT)."""
     from qasr.export.precision import derive_bundle
 
-    return derive_bundle(bundle, precision, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    return derive_bundle(bundle, precision, progress=lambda line: print(line, file=sys.stderr, flush=True),
+                         weights=weights)
 
 
 def capacity_for(manifest: dict, seconds: float) -> int:

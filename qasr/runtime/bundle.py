@@ -9,6 +9,10 @@ refused with one line that says how to re-export.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,21 @@ from qasr.errors import BundleError
 MANIFEST = "manifest.json"
 FORMAT = "qasr-bundle"
 FORMAT_VERSION = 1
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A staging directory beside `out`, moved into its place only when the block completes, so a
+    failed or interrupted write never leaves a half directory or damages the one already there."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        staging = Path(tmp)
+        yield staging
+        staging.chmod(0o755)  # TemporaryDirectory makes it private; the result is an ordinary directory
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        staging.mkdir()  # TemporaryDirectory removes its (now empty) directory on exit
 
 
 def cache_names(layers: int) -> list[str]:

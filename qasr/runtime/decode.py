@@ -40,12 +40,15 @@ def token_budget(seconds: float) -> int:
 def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray, audio_token: int,
                   budget: int, eos_ids: tuple[int, ...], keep_logits: bool = False,
                   on_token: Callable[[int], None] | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                  keep: int = 0, owner: object | None = None) -> Decoded:
+                  keep: int = 0, owner: object | None = None, forced: list[int] | None = None) -> Decoded:
     """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order.
 
     `keep`, `owner`: a stream's step, whose prompt[:keep] is unchanged since `owner`'s last call;
     the backend keeps those cache rows (Backend.begin) and only the rest is prefilled.
+    `forced` (teacher forcing, for `qasr verify`): feed these ids instead of the greedy choices, one
+    step each, and stop after them; `tokens` are still what the model chose at every step.
     """
+    budget = len(forced) if forced is not None else budget
     began = time.perf_counter()
     kept = backend.begin(len(prompt) + budget, min(keep, len(prompt) - 1), owner)
     ids = np.asarray(prompt, dtype=np.int64)[None]
@@ -63,7 +66,7 @@ def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray,
     while True:
         if keep_logits:
             result.logits.append(backend.logits().copy())
-        if token in eos_ids:
+        if token in eos_ids and forced is None:
             result.stopped = True
             return result
         result.tokens.append(token)
@@ -71,6 +74,6 @@ def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray,
             on_token(token)
         if len(result.tokens) == budget:
             return result
-        step[0, 0] = token
+        step[0, 0] = token if forced is None else forced[len(result.tokens) - 1]
         token = backend.decode(step, filler, position)
         position += 1

@@ -18,11 +18,14 @@ import onnxruntime as ort
 from qasr.errors import BundleError
 from qasr.runtime.backend import Backend
 from qasr.runtime.bundle import Bundle, cache_names
+from qasr.runtime.prepack import prepacked_graph
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None, optimize: bool = True) -> ort.SessionOptions:
+    """`optimize=False` for prepacked copies (qasr.runtime.prepack), which are optimised already."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
     if threads:
@@ -56,6 +59,7 @@ class OnnxRuntimeBackend(Backend):
         self.bundle = bundle
         self.providers = providers or ["CPUExecutionProvider"]
         self.options = session_options(threads)
+        self.threads = threads
         self.sessions = Sessions(self._session, list(bundle.manifest["graphs"]))
         model = bundle.model["text"]
         self.cache_shape = (model["num_hidden_layers"], 2, 1, model["num_key_value_heads"], 0, model["head_dim"])
@@ -64,9 +68,12 @@ class OnnxRuntimeBackend(Backend):
         self.owner: object | None = None
 
     def _session(self, name: str) -> ort.InferenceSession:
-        path = self.bundle.graph_path(name)
+        """The graph's prepacked copy where one was made on this kind of machine, else the graph."""
+        prepacked = prepacked_graph(self.bundle, name) if self.providers == ["CPUExecutionProvider"] else None
+        path = prepacked or self.bundle.graph_path(name)
+        options = session_options(self.threads, optimize=False) if prepacked else self.options
         try:
-            return ort.InferenceSession(str(path), self.options, providers=self.providers)
+            return ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types, all with a message
             raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
 

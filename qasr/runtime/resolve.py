@@ -108,36 +108,42 @@ def _check_kind(checkpoint: Path, kind: str) -> None:
         raise BundleError(f"{checkpoint}: {names[found]}, not {names[kind]}")
 
 
-def cached_export(checkpoint: Path, weights: str = "fp32", progress: Progress = _say, name: str | None = None) -> Path:
-    """The cache entry for `checkpoint` at `weights`, exported under its lock if missing or damaged.
+def cached_export(checkpoint: Path, weights: str = "fp32", progress: Progress = _say, name: str | None = None,
+                  encoder_weights: str = "fp32") -> Path:
+    """The cache entry for `checkpoint` at `weights` (and `encoder_weights`), exported under its lock
+    if missing or damaged.
 
     `name` is what the user called it (a hub id rather than its snapshot path), for the messages."""
     digest = checkpoint_digest(checkpoint)
     root = writable_dir(cache_dir() / "bundles", "the model cache")
-    entry = root / f"{digest[:16]}-{weights}"
-    if _entry_problem(entry, digest, weights) is None:
+    precision = weights if encoder_weights == "fp32" else f"{weights}-encoder-{encoder_weights}"
+    entry = root / f"{digest[:16]}-{precision}"
+    if _entry_problem(entry, digest, precision) is None:
         return entry
     with _locked(root / f".{entry.name}.lock", progress, f"another process is preparing {entry.name}"):
-        problem = _entry_problem(entry, digest, weights)  # the other process may have made it meanwhile
+        problem = _entry_problem(entry, digest, precision)  # the other process may have made it meanwhile
         if problem is None:
             return entry
         if problem != "missing":
             progress(f"the cached bundle {entry} is {problem}; exporting it again")
             shutil.rmtree(entry)
-        _export_entry(checkpoint, entry, digest, weights, progress, name or str(checkpoint))
+        _export_entry(checkpoint, entry, digest, (weights, encoder_weights), progress, name or str(checkpoint))
     return entry
 
 
-def _export_entry(checkpoint: Path, entry: Path, digest: str, weights: str, progress: Progress, name: str) -> None:
+def _export_entry(checkpoint: Path, entry: Path, digest: str, weights: tuple[str, str], progress: Progress,
+                  name: str) -> None:
     try:
         from qasr.export.onnx_export import export_bundle
     except ImportError:
         raise UsageError(f"{name}: a checkpoint, not a qasr bundle; exporting it needs the export extra: "
                          f"{EXPORT_HINT}") from None
-    progress(f"first use of {name}: exporting it to ONNX ({weights}) into {entry}; this takes a minute, once")
+    precision = entry.name.split("-", 1)[1]
+    progress(f"first use of {name}: exporting it to ONNX ({precision}) into {entry}; this takes a minute, once")
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
-        staged = export_bundle(checkpoint, Path(tmp) / "bundle", progress=progress, weights=weights)
-        record = {"sha256": digest, "weights": weights, "files": _sizes(staged)}
+        staged = export_bundle(checkpoint, Path(tmp) / "bundle", progress=progress, weights=weights[0],
+                               encoder_weights=weights[1])
+        record = {"sha256": digest, "weights": precision, "files": _sizes(staged)}
         (staged / ENTRY_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
         staged.rename(entry)
 

@@ -54,7 +54,8 @@ def tensorrt_version() -> str:
 
 def rebuild_hint(bundle: Bundle, record: dict | None = None) -> str:
     record = record or {}
-    return (f"rebuild with `qasr build {bundle.path} --precision {record.get('precision', 'bf16')}"
+    weights = f" --weights {record['weights']}" if record.get("weights", "fp32") != "fp32" else ""
+    return (f"rebuild with `qasr build {bundle.path} --precision {record.get('precision', 'bf16')}{weights}"
             f" --max-audio {record.get('max_audio_s', 1200):g}`")
 
 

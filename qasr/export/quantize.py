@@ -1,0 +1,304 @@
+"""fp32 bundle -> int8 / int4 weight-only bundle, through ONNX Runtime's own quantizer.
+
+A post-pass over the canonical fp32 graphs (they stay the source of truth): every weight matrix
+of the decoder (or aligner), the output head included, becomes a `MatMulNBits` (block-wise along
+K, one scale per block, ONNX Runtime's `matmul_nbits_quantizer`), and the embedding gather becomes
+a `GatherBlockQuantized`. The graphs keep their contracts (inputs, outputs, fp32 logits), so the
+greedy loop, streaming and the backends run them unchanged.
+
+The tied head is one table stored once: the quantizer packs the head as B [V, k_blocks, blob]
+(rows of the table, blocks along the hidden size), which is byte for byte the uint8 layout
+`GatherBlockQuantized` reads as [V, hidden * bits / 8]; the gather gets a second initializer name
+over the same bytes of the data file, and shares the scales and zero points outright.
+
+Settings (docs/benchmarks.md, "Choosing the settings", has the measurements behind them):
+- int4: block 128, asymmetric (a zero point per block), accuracy_level 4;
+- int8: block 128, symmetric, accuracy_level 4.
+accuracy_level 4 lets MLAS quantize the activations to int8 per block and run VNNI dot products;
+fp32 activations (0) decode several times slower. Blocks of 128 decode faster than blocks of 32
+on this CPU for a somewhat larger error; asymmetric int4 is both faster and closer than
+symmetric at 128.
+The audio encoder and projector stay fp32 unless `encoder_weights="int8"`: they are compute-bound
+and run once per clip, and low-bit encoders are known to drift, so 8 bits at least.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
+
+from qasr import __version__
+from qasr.errors import BundleError, UsageError
+from qasr.export.onnx_files import DATA_THRESHOLD, graph_contract, unalias_shared_weights
+from qasr.runtime.bundle import MANIFEST, Bundle, staged
+
+WEIGHTS = ("fp32", "int8", "int4")
+ENCODER_WEIGHTS = ("fp32", "int8")
+QUANTIZER = "onnxruntime.quantization.matmul_nbits_quantizer"
+AUDIO_GRAPHS = ("encoder", "projector")
+SKIPPED = ("derived", "engines", "prepacked")  # products of the fp32 graphs: rebuilt, never copied
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One weight-only format: MatMulNBits' bits, block size, symmetry and accuracy level."""
+
+    bits: int
+    block_size: int
+    symmetric: bool
+    accuracy_level: int
+
+
+SCHEMES = {"int8": Scheme(8, 128, True, 4), "int4": Scheme(4, 128, False, 4)}
+TENSORRT_INT4_BLOCK = 128  # the block size TensorRT's int4 weight-only examples use (unverified here)
+
+
+def quantize_bundle(source: str | Path, out: str | Path, weights: str = "int4", encoder_weights: str = "fp32",
+                    progress: Callable[[str], None] = print, reference: bool = True) -> Path:
+    """Write `out`: the fp32 bundle `source` with its weights in `weights` (and the audio graphs'
+    in `encoder_weights`). `reference` records `source` as the bundle `qasr verify` compares with.
+
+    Staged beside `out` and moved into place when complete, like the export itself.
+    """
+    check_weights(weights, encoder_weights)
+    if weights == encoder_weights == "fp32":
+        raise UsageError(f"{source}: nothing to quantize (give --weights int8 or int4, or --encoder-weights int8)")
+    bundle = Bundle.load(source)
+    if bundle.manifest.get("precision", "fp32") != "fp32" or "weights" in bundle.manifest:
+        raise BundleError(f"{bundle.path}: already quantized; quantize from the fp32 bundle it came from")
+    out = Path(out)
+    if out.resolve() == bundle.path.resolve():
+        raise UsageError(f"{out}: write the quantized bundle beside its fp32 source, not over it (verify needs both)")
+    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest["precision"] = weights
+    manifest["weights"] = {}
+    with staged(out) as staging:
+        for name, entry in bundle.manifest["graphs"].items():
+            precision = encoder_weights if name in AUDIO_GRAPHS else weights
+            if precision == "fp32":
+                for file in [entry["file"], *entry.get("data", [])]:
+                    shutil.copyfile(bundle.path / file, staging / file)
+                continue
+            progress(f"quantizing {name} to {precision}")
+            manifest["graphs"][name], manifest["weights"][name] = quantize_graph(
+                bundle.graph_path(name), staging / entry["file"], SCHEMES[precision])
+        _copy_other_files(bundle, staging)
+        import onnxruntime
+
+        manifest["quantizer"] = {"name": QUANTIZER, "onnxruntime": onnxruntime.__version__, "qasr": __version__}
+        manifest["reference"] = str(bundle.path.resolve()) if reference else None
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def check_weights(weights: str, encoder_weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise UsageError(f"weights {weights!r}: choose from {', '.join(WEIGHTS)}")
+    if encoder_weights not in ENCODER_WEIGHTS:
+        raise UsageError(f"encoder weights {encoder_weights!r}: choose from {', '.join(ENCODER_WEIGHTS)} "
+                         "(low-bit audio encoders drift: 8 bits at least)")
+
+
+def _quantizer():
+    """ONNX Runtime's quantizer module. Importing it calls logging.basicConfig(level=INFO), which
+    would make every library's INFO lines appear; the root logger is put back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    matmul_nbits_quantizer.logger.setLevel(logging.WARNING)
+    return matmul_nbits_quantizer
+
+
+def _copy_other_files(bundle: Bundle, staging: Path) -> None:
+    """The tokenizer files and whatever else the bundle holds beside its graphs and manifest."""
+    graph_files = {f for e in bundle.manifest["graphs"].values() for f in [e["file"], *e.get("data", [])]}
+    for item in bundle.path.iterdir():
+        if item.is_file() and item.name not in graph_files | {MANIFEST}:
+            shutil.copyfile(item, staging / item.name)
+        elif item.is_dir() and item.name not in SKIPPED:
+            shutil.copytree(item, staging / item.name)
+
+
+def quantize_graph(src: Path, dst: Path, scheme: Scheme) -> tuple[dict, dict]:
+    """One fp32 graph file -> its quantized copy with its own data file; (contract, settings)."""
+    model = onnx.load(str(src), load_external_data=False)
+    unalias_shared_weights(model)  # a tied head and the embedding: one initializer, quantized once
+    load_external_data_for_model(model, str(src.parent))
+    block = _block_size(model, scheme.block_size)
+    gemms_to_matmuls(model)
+    quantizer = _quantizer().MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=block,
+                                                  is_symmetric=scheme.symmetric, accuracy_level=scheme.accuracy_level,
+                                                  op_types_to_quantize=("MatMul",))
+    quantizer.process()
+    model = quantizer.model.model
+    aliases = quantize_gathers(model, Scheme(scheme.bits, block, scheme.symmetric, scheme.accuracy_level))
+    data = dst.with_name(dst.name + ".data")
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=DATA_THRESHOLD)
+    _write_aliases(dst, aliases)
+    onnx.checker.check_model(str(dst))
+    saved = onnx.load(str(dst), load_external_data=False)
+    settings = {**asdict(scheme), "block_size": block, "format": "MatMulNBits",
+                "quantized": _count_ops(saved), "tied_table_stored_once": bool(aliases)}
+    return {"file": dst.name, "data": [data.name], **graph_contract(saved)}, settings
+
+
+def qdq_int4(model: onnx.ModelProto, block_size: int = TENSORRT_INT4_BLOCK) -> onnx.ModelProto:
+    """The engine path's weight-only int4 (`qasr build --weights int4`): every weight MatMul, the head
+    included, as DequantizeLinear(int4, scale, axis 0, block_size) -> MatMul, written by the same
+    quantizer in its QDQ format, symmetric (TensorRT takes no zero points). Opset 21 (int4 and
+    blocked DequantizeLinear). The embedding gather keeps its float table (a tied one is then held
+    twice: float for the gather, int4 for the head). `model` must hold its weights (external data loaded).
+    """
+    gemms_to_matmuls(model)
+    quantizer = _quantizer()
+    quantizer.logger.setLevel(logging.ERROR)  # its warnings that it raises the opset to 21: wanted here
+    run = quantizer.MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                         quant_format=_quant_format().QDQ, op_types_to_quantize=("MatMul",))
+    run.process()
+    return run.model.model
+
+
+def _quant_format():
+    from onnxruntime.quantization import QuantFormat
+
+    return QuantFormat
+
+
+def _block_size(model: onnx.ModelProto, wanted: int) -> int:
+    """`wanted`, halved until it divides every embedding table's width (a shared table needs whole
+    blocks), but not below 16, MatMulNBits' smallest; the released models' 1024 and 2048 keep 128."""
+    widths = [t.dims[1] for t in _gather_tables(model).values()]
+    block = wanted
+    while block > 16 and any(w % block for w in widths):
+        block //= 2
+    return block
+
+
+def _gather_tables(model: onnx.ModelProto) -> dict[str, TensorProto]:
+    """Embedding tables: 2-D float initializers read by a Gather on axis 0."""
+    inits = {t.name: t for t in model.graph.initializer}
+    tables = {}
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is not None and len(table.dims) == 2 and table.data_type == TensorProto.FLOAT and axis == 0:
+            tables[table.name] = table
+    return tables
+
+
+def gemms_to_matmuls(model: onnx.ModelProto) -> None:
+    """Gemm(x, W, b, transB=1) on a weight initializer -> MatMul(x, W^T) (+ b), which the quantizer reads.
+
+    W^T is a new initializer `<W>.t`; the quantizer replaces it by its packed form, whose rows are
+    the rows of W again (so a tied head packs to exactly the embedding table's layout).
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+        if weight is None or not plain or len(weight.dims) != 2:
+            nodes.append(node)
+            continue
+        name = f"{weight.name}.t"
+        if name not in inits:
+            matrix = numpy_helper.to_array(weight)
+            inits[name] = numpy_helper.from_array(np.ascontiguousarray(matrix.T if attrs.get("transB", 0) else matrix),
+                                                  name)
+            model.graph.initializer.append(inits[name])
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{node.output[0]}/matmul" if bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}/MatMul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [node.output[0]], name=f"{node.name}/Add"))
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+
+
+def quantize_gathers(model: onnx.ModelProto, scheme: Scheme) -> dict[str, str]:
+    """Embedding Gathers -> GatherBlockQuantized; returns {alias: packed head weight} for tied tables.
+
+    A table the head also reads takes the head's packed weight, scales and zero points (the alias
+    is written after saving, over the same bytes); an untied one is packed here by the quantizer's
+    own block kernel, in the same layout.
+    """
+    ort_quantizer = _quantizer()
+    inits = {t.name: t for t in model.graph.initializer}
+    tables = _gather_tables(model)
+    aliases: dict[str, str] = {}
+    packer = ort_quantizer.DefaultWeightOnlyQuantizer(ort_quantizer.DefaultWeightOnlyQuantConfig(
+        block_size=scheme.block_size, is_symmetric=scheme.symmetric, bits=scheme.bits))
+    nodes = []
+    for node in model.graph.node:
+        table = tables.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or table.dims[1] % scheme.block_size:
+            nodes.append(node)
+            continue
+        rows, width = table.dims
+        packed_name = f"{table.name}.t_Q{scheme.bits}"
+        if packed_name in inits:  # tied: the quantized head
+            data = f"{table.name}_Q{scheme.bits}.gather"
+            aliases[data] = packed_name
+            stem = f"{table.name}.t"
+        else:
+            packed, scales, zero_points = packer.qbits_block_quant(np.ascontiguousarray(numpy_helper.to_array(table).T))
+            data, stem = f"{table.name}_Q{scheme.bits}", table.name
+            model.graph.initializer.extend([
+                numpy_helper.from_array(packed.reshape(rows, width * scheme.bits // 8), data),
+                numpy_helper.from_array(scales, f"{stem}_scales"),
+                numpy_helper.from_array(zero_points, f"{stem}_zero_points")])
+        inputs = [data, node.input[1], f"{stem}_scales"] + ([] if scheme.symmetric else [f"{stem}_zero_points"])
+        nodes.append(helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=f"{node.name}_Q",
+                                      domain="com.microsoft", bits=scheme.bits, block_size=scheme.block_size,
+                                      gather_axis=0, quantize_axis=1))
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    used = {name for n in model.graph.node for name in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used or t.name in aliases.values()]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(kept)
+    return aliases
+
+
+def _write_aliases(path: Path, aliases: dict[str, str]) -> None:
+    """Give each tied gather its 2-D name over the head's packed bytes in the data file."""
+    if not aliases:
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    for alias, packed_name in aliases.items():
+        packed = inits[packed_name]
+        if packed.data_location != TensorProto.EXTERNAL:
+            raise BundleError(f"{path}: {packed_name} was not written to the data file; cannot share it")
+        tensor = TensorProto(name=alias, data_type=packed.data_type,
+                             dims=[packed.dims[0], int(np.prod(packed.dims[1:]))])
+        tensor.data_location = TensorProto.EXTERNAL
+        tensor.external_data.extend(packed.external_data)
+        model.graph.initializer.append(tensor)
+    onnx.save_model(model, str(path))
+
+
+def _count_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Quantized ops, and the ops that still read a float weight matrix (none in a decoder)."""
+    inits = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT}
+    counts = {"MatMulNBits": 0, "GatherBlockQuantized": 0, "float_weights": 0}
+    for node in model.graph.node:
+        if node.op_type in counts:
+            counts[node.op_type] += 1
+        elif node.op_type in ("MatMul", "Gemm", "Gather") and any(i in inits for i in node.input):
+            counts["float_weights"] += 1
+    return counts
