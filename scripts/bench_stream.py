@@ -157,7 +157,7 @@ def main() -> None:
         f"(x{statistics.median(minute[1]) / statistics.median(minute[0]):.2f}). The naive re-feed is timed "
         f"{args.naive_repeats} times at each mark (its cost depends only on the mark); its finalisation is one "
         "more such step and its RTF is a step's cost over the 2 s it covers, at the last mark. antirez ran "
-        f"on the first {args.peer_seconds:g} s only (its steps cost the same after its own segment resets), its "
+        f"on the first {args.peer_seconds:g} s only, to keep the run short; its "
         "per-step figure from its --debug lines, its finalisation its last step, its RTF its own report. "
         "Random weights: the text is noise, the cost is the real model's."
     )
