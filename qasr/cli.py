@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stream = commands.add_parser("stream", help="transcribe live audio (a file, or raw PCM on stdin) as it comes")
     stream_cli.add_arguments(stream)
+    _model_option(stream)
     _backend_options(stream)
     stream.set_defaults(run=stream_cli.run)
 

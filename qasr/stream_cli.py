@@ -28,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from qasr.runtime.stream import MAX_NEW_TOKENS, SEGMENT_SECONDS
 
     parser.add_argument("audio", help="an audio file, or - for raw s16le mono PCM on stdin")
-    parser.add_argument("--model", required=True, help="an ASR bundle directory")
     parser.add_argument("--language", help="force the output language (default: identify it)")
     parser.add_argument("--context", default="", help="background text: names, terms, a previous transcript")
     parser.add_argument("--chunk-seconds", type=float, default=2.0, help="audio per step (default 2)")

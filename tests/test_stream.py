@@ -25,6 +25,7 @@ from qasr.errors import AudioError, UsageError
 from qasr.kernels.fbank import clamp_and_scale, log_mel
 from qasr.runtime.stream import SegmentAudio, Stream
 from qasr.runtime.transcribe import Transcriber
+from qasr.runtime.windows import token_count
 
 torch = pytest.importorskip("torch")
 BUDGET = 12
@@ -97,6 +98,7 @@ CASES = [  # (preset, seconds, chunk seconds, language, context, unfixed chunks,
     ("tiny-untied", 17.05, 2.0, None, "交易 停滞", 2, 3),
     ("tiny", 8.5, 2.0, None, "", 2, 5),
     ("tiny", 6.0, 1.5, "Chinese", "会议记录", 1, 7),
+    ("tiny-mqa", 9.3, 2.0, None, "", 2, 5),  # 4 s encoder windows
 ]
 
 
@@ -161,13 +163,15 @@ def run_steps(model, wav, incremental: bool, **options):
     return steps
 
 
-def test_incremental_equals_recomputing_every_step(models, speech):
+@pytest.mark.parametrize("preset", ["tiny-untied", "tiny-mqa"])
+def test_incremental_equals_recomputing_every_step(models, speech, preset):
     """Same ids and embeddings (1e-5) as re-feeding everything, while windows and KV rows are reused.
 
     The clip is quiet for 12 s, then loud: the clamp floor rises under the first cached window,
-    which must be encoded again. tiny-untied's output follows its audio (checked below).
+    which must be encoded again. The checkpoints' output follows their audio (checked below); tiny-mqa
+    has 4 s windows.
     """
-    _, ours = models("tiny-untied")
+    _, ours = models(preset)
     wav = speech(21.5, start=0)
     wav[:192000] *= 0.02
     counting = Counting(ours.backend)
@@ -187,7 +191,7 @@ def test_incremental_equals_recomputing_every_step(models, speech):
     assert [ids for ids, _ in fast] != [ids for ids, _ in other]  # the output follows the audio
     assert windows < counting.windows - windows  # the re-feed encoded more windows than the stream
     assert all(k > 0 for k in kept[1:])  # every step after the first kept the prompt's cache rows
-    assert max(kept) >= kept[1] + 2 * 104  # and some kept the rows of whole cached windows
+    assert max(kept) >= kept[1] + 2 * token_count(ours.window_frames)  # and some kept whole cached windows
 
 
 def test_segments_close_at_pauses_and_commit(models, speech):

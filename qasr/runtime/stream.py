@@ -236,8 +236,8 @@ class Stream:
                                 int(round(segment_seconds * SAMPLE_RATE)), incremental)
         self.pad_id = model.tokenizer.token_id(AUDIO_PAD)
         self.buffer = np.empty(0, dtype=np.float32)
-        self.segment = self._new_segment(0)
         self.closed: list[tuple[str, str]] = []  # (language, text) of closed segments
+        self.segment = self._new_segment(0)
         self.chunks = 0
         self.finished = False
         self.generated: list[int] = []  # ids the last step generated
