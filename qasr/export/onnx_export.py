@@ -101,7 +101,7 @@ def export_decoder(model: Thinker, path: Path) -> dict:
     names = cache_names(t.num_hidden_layers)
     dims = {"input_ids": {0: "batch", 1: "new"}, "audio_embeds": {0: "batch", 1: "audio"},
             "position": {0: "batch"}, "cache_start": {0: "batch"}, "next_token": {0: "batch"},
-            "logits": {0: "batch"}, "new_kv": {2: "batch", 4: "new"}, **{name: {2: "capacity"} for name in names}}
+            "logits": {0: "batch"}, "new_kv": {0: "batch", 4: "new"}, **{name: {2: "capacity"} for name in names}}
     args = (ids, torch.zeros(2, 2, t.hidden_size), torch.tensor([2, 1]), torch.tensor([0, 4]), *past)
     return _export(model.lm(), args, path, ["input_ids", "audio_embeds", "position", "cache_start", *names],
                    ["next_token", "logits", "new_kv"], dims)

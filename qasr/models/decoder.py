@@ -144,8 +144,9 @@ class Decoder(nn.Module):
         [1,kvh,P,hd], one cache shared by the rows; start [B]: each row's first cache row (0 if None).
 
         Row b's new tokens attend to cache rows start[b] .. start[b]+position[b]-1 and causally to
-        each other; returns the normed hidden states [B,S,H] and the new K/V rows [L,2,B,kvh,S,hd]
-        for the caller to write at start[b]+position[b]. Every other cache row is masked, never
+        each other; returns the normed hidden states [B,S,H] and the new K/V rows [B,L,2,kvh,S,hd]
+        for the caller to write at start[b]+position[b] (row-major: each row's block is one strided
+        copy into the cache [L,2,1,kvh,P,hd]). Every other cache row is masked, never
         read, so the cache can be preallocated, reused, and shared by requests of different
         lengths, each in its own region. One tensor per layer and kind, rather than one [L,2,...]
         tensor: taking a layer out of a stacked input is a copy of the whole cache on ONNX
@@ -160,16 +161,16 @@ class Decoder(nn.Module):
         valid = (steps[None, :] <= steps[:, None])[None].expand(x.shape[0], -1, -1)
         if past is not None:
             first = torch.zeros_like(position) if start is None else start
-            rows = torch.arange(past[0].shape[2], device=x.device)[None, None, :]
-            past_valid = (rows >= first[:, None, None]) & (rows < (first + position)[:, None, None])
+            cached = torch.arange(past[0].shape[2], device=x.device)[None, None, :]
+            past_valid = (cached >= first[:, None, None]) & (cached < (first + position)[:, None, None])
             valid = torch.cat([past_valid.expand(-1, s, -1), valid], dim=-1)
         valid = valid[None, :, None]
         rows = []
         for i, layer in enumerate(self.layers):
             past_k, past_v = (None, None) if past is None else (past[2 * i], past[2 * i + 1])
             x, k, v = layer(x, cos, sin, past_k, past_v, valid)
-            rows.append(torch.stack([k, v]))
-        return self.norm(x), torch.stack(rows)
+            rows.append(torch.stack([k, v], dim=1))
+        return self.norm(x), torch.stack(rows, dim=1)
 
 
 class _HeadGemm(torch.autograd.Function):
@@ -204,7 +205,7 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids, audio_embeds, position, cache_start, *past):
         """past: per layer K then V [1,kvh,P,hd] -> next_token [B], logits [B,V] of the last position,
-        new K/V rows [L,2,B,kvh,S,hd]."""
+        new K/V rows [B,L,2,kvh,S,hd]."""
         hidden, rows = self.decoder(self.decoder.embed(input_ids, audio_embeds), position, list(past), cache_start)
         logits = head_logits(self.head, hidden[:, -1])
         return torch.argmax(logits, dim=-1), logits, rows

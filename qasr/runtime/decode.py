@@ -1,8 +1,9 @@
-"""The greedy decoding loop, written once for every backend.
+"""Greedy decoding of one request, written once for every backend and for batches.
 
 The prompt is prefilled in chunks (bounded attention memory for 20-minute prompts), each chunk
-carrying the audio embeddings of the <|audio_pad|> rows it contains; then one token at a time
-until an end-of-sequence id or the budget. The KV cache is sized once for prompt + budget.
+carrying the audio embeddings of the <|audio_pad|> rows it contains; then one token per step
+until an end-of-sequence id or the budget. `Sequence` holds that per-request logic; the batch
+engine (qasr.runtime.batch) steps many of them at once, and `greedy_decode` is its one-row case.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qasr.errors import QasrError
 from qasr.runtime.backend import Backend
 
 PREFILL_CHUNK = 512
@@ -24,8 +26,9 @@ class Decoded:
     tokens: list[int]            # generated ids, end-of-sequence excluded
     stopped: bool                # an end-of-sequence id ended the run (False: the budget did)
     logits: list[np.ndarray] = field(default_factory=list)  # per step, only when asked for
-    setup_seconds: float = 0.0   # backend.begin: the cache, and on a first call a decoder still loading
+    setup_seconds: float = 0.0   # the cache, and on a first call a decoder still loading
     prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0  # the steps while the request was in the batch (with others' prefills)
 
 
 def token_budget(seconds: float) -> int:
@@ -37,35 +40,60 @@ def token_budget(seconds: float) -> int:
     return 32 + math.ceil(10 * seconds)
 
 
+class Sequence:
+    """One request's greedy state: prompt, budget, end-of-sequence ids, the ids so far.
+
+    `prefill` runs the prompt into the request's cache region and takes the first id; each decode
+    step then feeds `token` at `position` and hands the next id to `accept`, until `done`.
+    """
+
+    def __init__(self, prompt: list[int], audio_embeds: np.ndarray, audio_token: int, budget: int,
+                 eos_ids: tuple[int, ...], keep_logits: bool = False,
+                 on_token: Callable[[int], None] | None = None):
+        self.prompt, self.audio_embeds, self.audio_token = prompt, audio_embeds, audio_token
+        self.budget, self.eos_ids, self.keep_logits, self.on_token = budget, eos_ids, keep_logits, on_token
+        self.result = Decoded([], stopped=False)
+        self.position = len(prompt)  # where `token` goes
+        self.token = -1
+        self.done = False
+        self.error: QasrError | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Cache rows the request can fill: its prompt and its budget."""
+        return len(self.prompt) + self.budget
+
+    def prefill(self, backend: Backend, start: int, chunk: int = PREFILL_CHUNK) -> None:
+        begun = time.perf_counter()
+        ids = np.asarray(self.prompt, dtype=np.int64)[None]
+        audio_before = np.concatenate([[0], np.cumsum(ids[0] == self.audio_token)])
+        filler = np.zeros((1, 1, self.audio_embeds.shape[1]), dtype=np.float32)
+        for begin in range(0, len(self.prompt), chunk):
+            end = min(begin + chunk, len(self.prompt))
+            rows = self.audio_embeds[audio_before[begin] : audio_before[end]]
+            token = backend.prefill(ids[:, begin:end], rows[None] if len(rows) else filler, start, begin)
+        self.result.prefill_seconds = time.perf_counter() - begun
+        self.accept(token, backend.step_logits()[0] if self.keep_logits else None)
+
+    def accept(self, token: int, logits: np.ndarray | None) -> None:
+        """Take the greedy id that follows the last fed one (and its logits, when kept)."""
+        if logits is not None:
+            self.result.logits.append(logits.copy())
+        if token in self.eos_ids:
+            self.result.stopped = self.done = True
+            return
+        self.result.tokens.append(token)
+        if self.on_token:
+            self.on_token(token)
+        self.token = token
+        self.done = len(self.result.tokens) == self.budget
+
+
 def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray, audio_token: int,
                   budget: int, eos_ids: tuple[int, ...], keep_logits: bool = False,
                   on_token: Callable[[int], None] | None = None, prefill_chunk: int = PREFILL_CHUNK) -> Decoded:
     """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order."""
-    began = time.perf_counter()
-    backend.begin(len(prompt) + budget)
-    ids = np.asarray(prompt, dtype=np.int64)[None]
-    is_audio = ids[0] == audio_token
-    audio_before = np.concatenate([[0], np.cumsum(is_audio)])
-    filler = np.zeros((1, 1, audio_embeds.shape[1]), dtype=np.float32)
-    start = time.perf_counter()
-    for begin in range(0, len(prompt), prefill_chunk):
-        end = min(begin + prefill_chunk, len(prompt))
-        rows = audio_embeds[audio_before[begin] : audio_before[end]]
-        token = backend.decode(ids[:, begin:end], rows[None] if len(rows) else filler, begin)
-    result = Decoded([], stopped=False, setup_seconds=start - began, prefill_seconds=time.perf_counter() - start)
-    step = np.zeros((1, 1), dtype=np.int64)
-    position = len(prompt)
-    while True:
-        if keep_logits:
-            result.logits.append(backend.logits().copy())
-        if token in eos_ids:
-            result.stopped = True
-            return result
-        result.tokens.append(token)
-        if on_token:
-            on_token(token)
-        if len(result.tokens) == budget:
-            return result
-        step[0, 0] = token
-        token = backend.decode(step, filler, position)
-        position += 1
+    from qasr.runtime.batch import decode_alone  # the engine builds on this module
+
+    sequence = Sequence(prompt, audio_embeds, audio_token, budget, eos_ids, keep_logits, on_token)
+    return decode_alone(backend, sequence, prefill_chunk)

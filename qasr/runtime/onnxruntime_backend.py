@@ -96,7 +96,7 @@ class OnnxRuntimeBackend(Backend):
         batch, new = ids.shape
         vocab = self.bundle.manifest["graphs"]["decoder"]["outputs"]["logits"]["shape"][1]
         call = Call(ids, starts, positions, np.zeros(batch, dtype=np.int64), np.zeros((batch, vocab), dtype=np.float32),
-                    np.zeros((layers, two, batch, heads, new, dim), dtype=np.float32), self.sessions["decoder"].io_binding())
+                    np.zeros((batch, layers, two, heads, new, dim), dtype=np.float32), self.sessions["decoder"].io_binding())
         inputs = zip(["input_ids", "audio_embeds", "position", "cache_start", *cache_names(layers)],
                      [ids, audio, positions, starts, *past])
         for name, array in inputs:
@@ -120,7 +120,7 @@ class OnnxRuntimeBackend(Backend):
                           np.ascontiguousarray(audio_embeds, dtype=np.float32),
                           np.array([position], dtype=np.int64), np.zeros(1, dtype=np.int64), past)
         self.sessions["decoder"].run_with_iobinding(call.binding)
-        self.cache[:, :, :, :, start + position : start + position + new] = call.rows
+        self.cache[:, :, 0, :, start + position : start + position + new] = call.rows[0]
         self.last = call
         return int(call.next_token[0])
 
@@ -137,14 +137,18 @@ class OnnxRuntimeBackend(Backend):
         call.ids[:, 0], call.starts[:], call.positions[:] = ids, starts, positions
         self.sessions["decoder"].run_with_iobinding(call.binding)
         for b, row in enumerate(rows):
-            self.cache[:, :, 0, :, row] = call.rows[:, :, b, :, 0]
+            self.cache[:, :, 0, :, row] = call.rows[b, :, :, :, 0]
         self.last = call
         return call.next_token.copy()
 
+    @property
+    def reserved(self) -> int:
+        """Rows the shared cache holds."""
+        return 0 if self.cache is None else self.cache.shape[4]
+
     def _check_rows(self, end: int) -> None:
-        if self.cache is None or end > self.cache.shape[4]:
-            have = 0 if self.cache is None else self.cache.shape[4]
-            raise EngineError(f"decoder call up to cache row {end} past the {have} reserved")
+        if end > self.reserved:
+            raise EngineError(f"decoder call up to cache row {end} past the {self.reserved} reserved")
 
     def step_logits(self):
         assert self.last is not None, "no decoder call yet"
