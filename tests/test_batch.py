@@ -159,3 +159,25 @@ def test_cache_rows_past_the_reserve_are_refused(model):
     model.backend.reserve(16, keep=False)
     with pytest.raises(EngineError, match="past the 16 reserved"):
         model.backend.step(np.array([1]), np.array([10]), np.array([6]))
+
+
+def test_a_request_the_cache_has_no_room_for_fails_alone(model, recordings):
+    """As on an engine built for shorter audio: the newcomer gets the error, the batch goes on."""
+    from qasr.errors import EngineError
+    from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    class FixedCache(OnnxRuntimeBackend):
+        def reserve(self, rows, keep=True):
+            if rows > 1024:
+                raise EngineError(f"the batch needs {rows} cache rows and the engine holds 1024")
+            super().reserve(rows, keep)
+
+    backend = FixedCache(model.bundle)
+    first, second = _sequences(model, recordings[:2], budget=5)
+    second.budget = 2000
+    engine = BatchDecoder(backend, max_batch=2)
+    engine.add(first)
+    engine.step()
+    engine.add(second)
+    assert engine.step() == [second] and "1024" in str(second.error)
+    assert engine.run() == [first] and first.error is None and len(first.result.tokens) == 5

@@ -122,7 +122,10 @@ class BatchDecoder:
         for sequence in joining:
             self.starts[id(sequence)] = self.regions.place(sequence.capacity)
         if fresh or self.regions.end > self.rows:
-            self.backend.reserve(self.regions.end, keep=not fresh)
+            try:
+                self.backend.reserve(self.regions.end, keep=not fresh)
+            except QasrError as exc:  # no room for them (an engine's fixed cache): they fail, the batch goes on
+                return [self._fail(sequence, exc) for sequence in joining]
             self.rows = self.regions.end
         setup = time.perf_counter() - began
         finished = []
