@@ -197,17 +197,18 @@ def test_row_copy_writes_the_rows_where_numpy_would(new, position, itemsize):
 
 def test_profiles_cover_the_longest_request(bundle):
     manifest = Bundle.load(bundle("tiny")).manifest
-    plans = tensorrt_build.profiles(manifest, 300)
+    plans = tensorrt_build.profiles(manifest, 300, max_batch=6)
     prefill, decode = plans["decoder"]
     assert prefill["new"] == [1, PREFILL_CHUNK, PREFILL_CHUNK] and decode["new"] == [1, 1, 1]
-    assert prefill["capacity"] == decode["capacity"]
+    assert prefill["batch"] == [1, 1, 1] and decode["batch"] == [1, 6, 6]
+    assert decode["capacity"][2] == 6 * prefill["capacity"][2]  # the shared cache holds 6 of the longest
     audio_tokens = 13 * 300
     assert prefill["capacity"][2] >= audio_tokens + token_budget(300) + 100
     assert plans["encoder"] == [{"windows": [1, WINDOW_BATCH, WINDOW_BATCH], "frames": [100, 800, 800]}]
     assert plans["projector"][0]["tokens"][2] == WINDOW_BATCH * manifest["audio"]["window_tokens"]
     shapes = tensorrt_build.profile_shapes(manifest["graphs"]["decoder"], decode)
-    assert shapes["input_ids"] == ((1, 1), (1, 1), (1, 1))
-    assert shapes["past_key_0"][2][2] == prefill["capacity"][2]
+    assert shapes["input_ids"] == ((1, 1), (6, 1), (6, 1)) and shapes["cache_start"] == ((1,), (6,), (6,))
+    assert shapes["past_key_0"][2][0] == 1 and shapes["past_key_0"][2][2] == decode["capacity"][2]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-aligner"])
