@@ -286,6 +286,46 @@ def check_parity(candidate, reference: OnnxRuntimeBackend, speech, free_running:
         assert got.tokens == greedy_decode(reference, prompt, embeds, AUDIO, 24, EOS, prefill_chunk=64).tokens
 
 
+def check_batch(candidate, reference: OnnxRuntimeBackend, speech) -> None:
+    """Five requests of different lengths, at most three per step (rows join and leave; TensorRT runs
+    the buckets of 1, 2 and 4 rows), against each request alone on the fp32 graphs on the CPU."""
+    from qasr.runtime.batch import BatchDecoder
+    from qasr.runtime.decode import Sequence
+
+    def sequences(backend) -> list[Sequence]:
+        made = []
+        for i, seconds in enumerate((7.0, 2.5, 11.0, 4.0, 1.2)):
+            windows, frames, conv = split_windows(log_mel(speech(seconds, start=i)), 800)
+            embeds = backend.project(join_windows(backend.encode(windows, frames, conv), frames))
+            made.append(Sequence(PROMPT_HEAD + [AUDIO] * len(embeds) + PROMPT_TAIL, embeds, AUDIO, 8 + 4 * i, EOS))
+        return made
+
+    engine = BatchDecoder(candidate, max_batch=3, prefill_chunk=64)
+    batched = sequences(reference)
+    for sequence in batched:
+        engine.add(sequence)
+    engine.run()
+    expected = [greedy_decode(reference, s.prompt, s.audio_embeds, AUDIO, s.budget, EOS, prefill_chunk=64).tokens
+                for s in sequences(reference)]
+    assert [s.result.tokens for s in batched] == expected
+
+
+def test_onnxruntime_cuda_binding_batches_on_the_cpu(bundle, speech):
+    """The onnxruntime-cuda backend's batch path (shared cache, per-row writes) on its CPU device."""
+    from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend
+
+    loaded = Bundle.load(bundle("tiny"))
+    check_batch(OnnxRuntimeCudaBackend(loaded, device="cpu"), OnnxRuntimeBackend(loaded), speech)
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_batch_like_one_at_a_time(engines, speech):
+    from qasr.runtime.tensorrt_backend import TensorRTBackend
+
+    bundle = engines("tiny", "fp32")
+    check_batch(TensorRTBackend(bundle), OnnxRuntimeBackend(bundle), speech)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2), ("bf16", 5e-2)])
 def test_tensorrt_engines_match_the_fp32_graphs(engines, speech, precision, tolerance):
@@ -326,3 +366,5 @@ def test_onnxruntime_cuda_matches_the_fp32_graphs(bundle, speech, precision, tol
         tensorrt_build.run(build_args(loaded.path, "--precision", precision, "--graphs-only"))
     check_parity(OnnxRuntimeCudaBackend(loaded, precision=precision), OnnxRuntimeBackend(loaded), speech, True,
                  tolerance)
+    if precision == "fp32":
+        check_batch(OnnxRuntimeCudaBackend(loaded), OnnxRuntimeBackend(loaded), speech)
