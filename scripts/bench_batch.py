@@ -193,7 +193,7 @@ def memory_note(row_bytes: int) -> list[str]:
     shared, widest = (long + 7 * short) * row_bytes / 1e9, 8 * long * row_bytes / 1e9
     return [
         f"Memory: a KV cache row is {row_bytes / 1024:.0f} KiB here (fp32). Each request owns a region of one shared "
-        "cache sized by its own prompt and budget (first fit, starts aligned to 64 rows), and the decoder masks "
+        "cache sized by its own prompt and budget (first fit, sizes rounded up to 64 rows), and the decoder masks "
         "every row outside it, so one 20-minute recording beside seven 10 s ones holds "
         f"{long} + 7 x {short} rows = {shared:.1f} GB, where rows of the batch's longest capacity would take "
         f"8 x {long} = {widest:.1f} GB (computed from the row size). The price is that a step scores the whole "
