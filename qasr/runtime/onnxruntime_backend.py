@@ -120,6 +120,7 @@ class OnnxRuntimeBackend(Backend):
                           np.ascontiguousarray(audio_embeds, dtype=np.float32),
                           np.array([position], dtype=np.int64), np.zeros(1, dtype=np.int64), past)
         self.sessions["decoder"].run_with_iobinding(call.binding)
+        assert self.cache is not None
         self.cache[:, :, 0, :, start + position : start + position + new] = call.rows[0]
         self.last = call
         return int(call.next_token[0])
@@ -136,6 +137,7 @@ class OnnxRuntimeBackend(Backend):
         call = self.steps[batch]
         call.ids[:, 0], call.starts[:], call.positions[:] = ids, starts, positions
         self.sessions["decoder"].run_with_iobinding(call.binding)
+        assert self.cache is not None
         for b, row in enumerate(rows):
             self.cache[:, :, 0, :, row] = call.rows[b, :, :, :, 0]
         self.last = call
