@@ -59,6 +59,9 @@ class Regions:
 class BatchDecoder:
     """The decode loop of a batch of `Sequence`s on one backend; `step()` until `idle`.
 
+    The engine owns the backend's cache while it has requests: one engine (and one thread) drives
+    a backend at a time; a server feeds its requests to one engine with `add` between steps.
+
     >>> engine = BatchDecoder(backend, max_batch=8)
     >>> engine.add(sequence)            # joins at the next step
     >>> while not engine.idle:
