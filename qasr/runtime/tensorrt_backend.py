@@ -347,9 +347,12 @@ class TensorRTBackend(Backend):
 
     def prefill(self, input_ids, audio_embeds, start, position):
         new = input_ids.shape[1]
-        if start + position + new > self.capacity or position + new > self.max_request:
-            raise EngineError(f"prefill at {start}+{position}+{new} past the {self.capacity} reserved cache rows "
-                              f"or the engine's {self.max_request} rows per request")
+        if position + new > self.max_request:
+            raise EngineError(f"{self.bundle.path / ENGINES}: this request needs more than the {self.max_request} cache "
+                              f"rows the engines hold per request (built for {self.record['max_audio_s']:g} s of audio); "
+                              f"rebuild for longer audio: `qasr build {self.bundle.path} --max-audio SECONDS`")
+        if start + position + new > self.capacity:
+            raise EngineError(f"prefill at {start}+{position}+{new} past the {self.capacity} reserved cache rows")
         if new > self.max_prefill:
             raise EngineError(f"a prefill chunk of {new} tokens exceeds the engine's {self.max_prefill}")
         runner = self.prefill_runner
