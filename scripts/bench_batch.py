@@ -34,9 +34,9 @@ BUNDLE = CACHE / "batch-0.6b-bundle"
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Batched decoding"
 RECORDINGS, SECONDS, TOKENS = 8, 10.0, 64
-BATCHES, STEPS = (1, 2, 4, 8), 16
+BATCHES, STEPS = (1, 2, 4, 8), 32
 STAGES = ("frontend", "encoder", "prefill", "decode")
-REPEATS = 2  # end-to-end runs per side, alternating; the faster counts (the machine is shared)
+REPEATS = 3  # runs per measurement, alternating sides; the fastest counts (the machine is shared)
 
 
 def recordings() -> list[np.ndarray]:
@@ -91,22 +91,25 @@ def worker_decode(bundle: Path, threads: int) -> dict:
     for wave in recordings():
         embeds = model.encode((wave, 16000))
         prompt = prompt_ids(model.tokenizer, "", None, len(embeds))
-        sequences.append(Sequence(prompt, embeds, model.audio_token, 1 + STEPS * len(BATCHES), ()))
+        sequences.append(Sequence(prompt, embeds, model.audio_token, TOKENS, ()))  # regions as end to end
     engine = BatchDecoder(model.backend, max_batch=max(BATCHES))
     for sequence in sequences:
         engine.add(sequence)
     engine.step()  # admits and prefills all eight, then one step
     starts = np.array([engine.starts[id(s)] for s in sequences])
-    positions = np.array([s.position for s in sequences])
-    ids = np.array([s.token for s in sequences])
-    rates = {}
-    for batch in BATCHES:
-        began = time.perf_counter()
-        for _ in range(STEPS):
-            ids[:batch] = model.backend.step(ids[:batch], starts[:batch], positions[:batch])
-            positions[:batch] += 1
-        seconds = time.perf_counter() - began
-        rates[batch] = {"tokens_per_s": batch * STEPS / seconds, "step_ms": 1000 * seconds / STEPS}
+    first, ids = np.array([s.position for s in sequences]), np.array([s.token for s in sequences])
+    rates: dict[int, dict] = {}
+    for _ in range(REPEATS):  # each sweep rewrites the same cache rows (STEPS stay inside the regions)
+        for batch in BATCHES:
+            positions = first.copy()
+            began = time.perf_counter()
+            for _ in range(STEPS):
+                ids[:batch] = model.backend.step(ids[:batch], starts[:batch], positions[:batch])
+                positions[:batch] += 1
+            seconds = time.perf_counter() - began
+            if batch not in rates or seconds < rates[batch]["seconds"]:
+                rates[batch] = {"seconds": seconds, "tokens_per_s": batch * STEPS / seconds,
+                                "step_ms": 1000 * seconds / STEPS}
     return {"rates": rates, "prompt_tokens": len(sequences[0].prompt), "pool_rows": model.backend.reserved,
             "alone_step_ms": alone_step_ms(model, sequences[0])}
 
@@ -117,14 +120,14 @@ def alone_step_ms(model, sequence) -> float:
     from qasr.runtime.batch import BatchDecoder
     from qasr.runtime.decode import Sequence
 
-    fresh = Sequence(sequence.prompt, sequence.audio_embeds, model.audio_token, STEPS + 1, ())
+    fresh = Sequence(sequence.prompt, sequence.audio_embeds, model.audio_token, TOKENS, ())
     engine = BatchDecoder(model.backend, max_batch=1)
     engine.add(fresh)
     engine.step()
     began = time.perf_counter()
-    for _ in range(STEPS - 1):
+    for _ in range(STEPS):
         engine.step()
-    return 1000 * (time.perf_counter() - began) / (STEPS - 1)
+    return 1000 * (time.perf_counter() - began) / STEPS
 
 
 def worker_end_to_end(bundle: Path, threads: int, batch_size: int) -> dict:
@@ -161,7 +164,8 @@ def report(bundle: Path, threads: int, decode: dict, alone: dict, batched: dict)
         f"ONNX Runtime, {threads} threads, "
         f"this shared 2-core machine, {time.strftime('%Y-%m-%d', time.gmtime())}). Random weights: speed and memory, "
         "not accuracy.", "",
-        f"Decode steps, rows holding 10 s prompts ({decode['prompt_tokens']} tokens) and their own cache regions:", "",
+        f"Decode steps, rows holding 10 s prompts ({decode['prompt_tokens']} tokens) and their own cache regions "
+        f"(best of {REPEATS} sweeps of {STEPS} steps):", "",
         "| batch | step (ms) | tokens/s, summed | vs batch 1 |", "|---|---|---|---|",
     ]
     for batch, rate in rates.items():
