@@ -184,9 +184,20 @@ def report(bundle: Path, threads: int, decode: dict, alone: dict, batched: dict)
         "", f"Batched / one at a time: x{ratio:.2f} wall time (goal <= 0.5); ids {'identical' if same else 'DIFFERENT'}"
         f" for all {RECORDINGS} recordings. At batch 8 decode throughput is x{rates['8']['tokens_per_s'] / base:.2f} "
         "that of batch 1 (goal >= 5).", "",
+        bound_note(rates, alone, batched), "",
         *memory_note(batched["row_bytes"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def bound_note(rates: dict, alone: dict, batched: dict) -> str:
+    """What the batched run cannot go below: its per-recording stages plus TOKENS steps at batch 8."""
+    serial = sum(batched["stages"][key] for key in ("frontend", "encoder", "prefill"))
+    steps = TOKENS * rates["8"]["step_ms"] / 1000
+    return (f"The encoder and the prefills ({serial:.1f} s of the batched run) are per recording and do not batch; "
+            f"with the batch-8 step of the first table, {TOKENS} steps take {steps:.1f} s, so on this machine the "
+            f"batched run is bounded near x{(serial + steps) / alone['seconds']:.2f} of the one-at-a-time time. "
+            "Runs of the same command on this shared machine vary by up to 1.5x (the runs column).")
 
 
 def end_to_end_row(name: str, run: dict) -> str:
