@@ -194,10 +194,11 @@ def bound_note(rates: dict, alone: dict, batched: dict) -> str:
     """What the batched run cannot go below: its per-recording stages plus TOKENS steps at batch 8."""
     serial = sum(batched["stages"][key] for key in ("frontend", "encoder", "prefill"))
     steps = TOKENS * rates["8"]["step_ms"] / 1000
+    spread = max(max(run["all"]) / min(run["all"]) for run in (alone, batched))
     return (f"The encoder and the prefills ({serial:.1f} s of the batched run) are per recording and do not batch; "
             f"with the batch-8 step of the first table, {TOKENS} steps take {steps:.1f} s, so on this machine the "
             f"batched run is bounded near x{(serial + steps) / alone['seconds']:.2f} of the one-at-a-time time. "
-            "Runs of the same command on this shared machine vary by up to 1.5x (the runs column).")
+            f"Runs of the same command on this shared machine varied by up to {spread:.1f}x (the runs column).")
 
 
 def end_to_end_row(name: str, run: dict) -> str:
