@@ -54,6 +54,18 @@ def test_batch_keeps_going_past_a_bad_file(capsys, bundle, tmp_path):
     assert written == ["de_22k.json", "en_16k_s16.json"]
 
 
+def test_several_files_decode_side_by_side_with_the_ids_of_one_at_a_time(capsys, bundle, tmp_path):
+    files = [EN, DE, str(DATA / "fr_48k.ogg")]
+    ids = {}
+    for size in (1, 2):
+        out = tmp_path / str(size)
+        code, _, _ = run(capsys, "transcribe", *files, "--model", bundle("tiny-untied"), "--format", "json",
+                         "--max-new-tokens", 6, "--output-dir", out, "--batch-size", size)
+        assert code == 0
+        ids[size] = [json.loads((out / f"{name}.json").read_text())["token_ids"] for name in ("en_16k_s16", "de_22k", "fr_48k")]
+    assert ids[1] == ids[2] and len({tuple(i) for i in ids[1]}) == 3
+
+
 def test_output_names_do_not_collide(capsys, bundle, tmp_path):
     (tmp_path / "a").mkdir()
     copy = tmp_path / "a" / "en_16k_s16.wav"

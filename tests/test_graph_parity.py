@@ -110,3 +110,29 @@ def test_window_batches_join_exactly(pair, speech):
     seconds = WINDOW_BATCH * 8 + 0.45
     wave = speech(seconds)
     assert relative_error(embed_audio(backend, wave, 800), model.encode(log_mel(wave))) <= TOL
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decoder_graph_batch_rows_on_one_shared_cache(pair, preset):
+    """A decode step of three rows, each at its own position in its own region of one cache,
+    against the reference, and against each row run alone on a copy of its own rows."""
+    model, backend = pair(preset)
+    t = model.config.text
+    rng = np.random.default_rng(1)
+    cache = rng.standard_normal((t.num_hidden_layers, 2, 1, t.num_key_value_heads, 40, t.head_dim)).astype(np.float32)
+    ids, starts, positions = np.array([100, 2000, 30000]), np.array([0, 10, 25]), np.array([7, 12, 3])
+    past = [torch.from_numpy(cache[layer, kind]) for layer in range(t.num_hidden_layers) for kind in (0, 1)]
+    with torch.no_grad():
+        _, logits, rows = model.lm()(torch.from_numpy(ids)[:, None], torch.zeros(3, 1, t.hidden_size),
+                                     torch.from_numpy(positions), torch.from_numpy(starts), *past)
+        for b in range(3):
+            own = [p[:, :, starts[b] : starts[b] + positions[b]] for p in past]
+            _, alone, _ = model.lm()(torch.tensor([[ids[b]]]), torch.zeros(1, 1, t.hidden_size),
+                                     torch.tensor([positions[b]]), torch.tensor([0]), *own)
+            assert relative_error(logits[b], alone[0]) <= TOL
+    backend.reserve(40, keep=False)
+    backend.cache[:] = cache
+    assert backend.step(ids, starts, positions).tolist() == logits.argmax(-1).tolist()
+    assert relative_error(backend.step_logits(), logits) <= TOL
+    for b, row in enumerate(starts + positions):
+        assert relative_error(backend.cache[:, :, 0, :, row], rows[b, :, :, :, 0]) <= TOL

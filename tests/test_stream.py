@@ -138,7 +138,7 @@ class Counting:
     """Wraps a backend: counts encoded windows and the KV rows each decode kept."""
 
     def __init__(self, backend):
-        self.backend, self.windows, self.kept = backend, 0, []
+        self.backend, self.windows, self.kept, self.prefilling, self.owner = backend, 0, [], False, None
 
     def __getattr__(self, name):
         return getattr(self.backend, name)
@@ -147,9 +147,16 @@ class Counting:
         self.windows += len(mel)
         return self.backend.encode(mel, frames, conv_frames)
 
-    def begin(self, capacity, keep=0, owner=None):
-        self.kept.append(self.backend.begin(capacity, keep, owner))
-        return self.kept[-1]
+    def prefill(self, ids, audio, start, position):
+        """A decode's first prefill chunk starts past the rows its cache kept."""
+        if not self.prefilling:
+            self.kept.append(position)
+        self.prefilling = True
+        return self.backend.prefill(ids, audio, start, position)
+
+    def step(self, ids, starts, positions):
+        self.prefilling = False
+        return self.backend.step(ids, starts, positions)
 
 
 def run_steps(model, wav, incremental: bool, **options):

@@ -198,17 +198,18 @@ def test_row_copy_writes_the_rows_where_numpy_would(new, position, itemsize):
 
 def test_profiles_cover_the_longest_request(bundle):
     manifest = Bundle.load(bundle("tiny")).manifest
-    plans = tensorrt_build.profiles(manifest, 300)
+    plans = tensorrt_build.profiles(manifest, 300, max_batch=6)
     prefill, decode = plans["decoder"]
     assert prefill["new"] == [1, PREFILL_CHUNK, PREFILL_CHUNK] and decode["new"] == [1, 1, 1]
-    assert prefill["capacity"] == decode["capacity"]
+    assert prefill["batch"] == [1, 1, 1] and decode["batch"] == [1, 6, 6]
+    assert decode["capacity"][2] == 6 * prefill["capacity"][2]  # the shared cache holds 6 of the longest
     audio_tokens = 13 * 300
     assert prefill["capacity"][2] >= audio_tokens + token_budget(300) + 100
     assert plans["encoder"] == [{"windows": [1, WINDOW_BATCH, WINDOW_BATCH], "frames": [100, 800, 800]}]
     assert plans["projector"][0]["tokens"][2] == WINDOW_BATCH * manifest["audio"]["window_tokens"]
     shapes = tensorrt_build.profile_shapes(manifest["graphs"]["decoder"], decode)
-    assert shapes["input_ids"] == ((1, 1), (1, 1), (1, 1))
-    assert shapes["past_key_0"][2][2] == prefill["capacity"][2]
+    assert shapes["input_ids"] == ((1, 1), (6, 1), (6, 1)) and shapes["cache_start"] == ((1,), (6,), (6,))
+    assert shapes["past_key_0"][2][0] == 1 and shapes["past_key_0"][2][2] == decode["capacity"][2]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-aligner"])
@@ -286,6 +287,46 @@ def check_parity(candidate, reference: OnnxRuntimeBackend, speech, free_running:
         assert got.tokens == greedy_decode(reference, prompt, embeds, AUDIO, 24, EOS, prefill_chunk=64).tokens
 
 
+def check_batch(candidate, reference: OnnxRuntimeBackend, speech) -> None:
+    """Five requests of different lengths, at most three per step (rows join and leave; TensorRT runs
+    the buckets of 1, 2 and 4 rows), against each request alone on the fp32 graphs on the CPU."""
+    from qasr.runtime.batch import BatchDecoder
+    from qasr.runtime.decode import Sequence
+
+    def sequences(backend) -> list[Sequence]:
+        made = []
+        for i, seconds in enumerate((7.0, 2.5, 11.0, 4.0, 1.2)):
+            windows, frames, conv = split_windows(log_mel(speech(seconds, start=i)), 800)
+            embeds = backend.project(join_windows(backend.encode(windows, frames, conv), frames))
+            made.append(Sequence(PROMPT_HEAD + [AUDIO] * len(embeds) + PROMPT_TAIL, embeds, AUDIO, 8 + 4 * i, EOS))
+        return made
+
+    engine = BatchDecoder(candidate, max_batch=3, prefill_chunk=64)
+    batched = sequences(reference)
+    for sequence in batched:
+        engine.add(sequence)
+    engine.run()
+    expected = [greedy_decode(reference, s.prompt, s.audio_embeds, AUDIO, s.budget, EOS, prefill_chunk=64).tokens
+                for s in sequences(reference)]
+    assert [s.result.tokens for s in batched] == expected
+
+
+def test_onnxruntime_cuda_binding_batches_on_the_cpu(bundle, speech):
+    """The onnxruntime-cuda backend's batch path (shared cache, per-row writes) on its CPU device."""
+    from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend
+
+    loaded = Bundle.load(bundle("tiny"))
+    check_batch(OnnxRuntimeCudaBackend(loaded, device="cpu"), OnnxRuntimeBackend(loaded), speech)
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_batch_like_one_at_a_time(engines, speech):
+    from qasr.runtime.tensorrt_backend import TensorRTBackend
+
+    bundle = engines("tiny", "fp32")
+    check_batch(TensorRTBackend(bundle), OnnxRuntimeBackend(bundle), speech)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2), ("bf16", 5e-2)])
 def test_tensorrt_engines_match_the_fp32_graphs(engines, speech, precision, tolerance):
@@ -326,3 +367,5 @@ def test_onnxruntime_cuda_matches_the_fp32_graphs(bundle, speech, precision, tol
         tensorrt_build.run(build_args(loaded.path, "--precision", precision, "--graphs-only"))
     check_parity(OnnxRuntimeCudaBackend(loaded, precision=precision), OnnxRuntimeBackend(loaded), speech, True,
                  tolerance)
+    if precision == "fp32":
+        check_batch(OnnxRuntimeCudaBackend(loaded), OnnxRuntimeBackend(loaded), speech)

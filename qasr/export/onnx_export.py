@@ -83,15 +83,18 @@ def export_projector(model: Thinker, path: Path) -> dict:
 
 
 def export_decoder(model: Thinker, path: Path) -> dict:
+    """Traced with two rows, so that nothing is specialised to one: a decode step runs B rows on
+    one shared cache [1, kvh, P, hd], each at its own position in its own region (cache_start)."""
     t = model.config.text
-    ids = torch.tensor([[151644, model.config.audio_token_id, model.config.audio_token_id, 198]])
+    ids = torch.tensor([[151644, model.config.audio_token_id, model.config.audio_token_id, 198]] * 2)
     past = [torch.zeros(1, t.num_key_value_heads, 8, t.head_dim) for _ in range(2 * t.num_hidden_layers)]
     names = cache_names(t.num_hidden_layers)
     dims = {"input_ids": {0: "batch", 1: "new"}, "audio_embeds": {0: "batch", 1: "audio"},
-            "position": {0: "batch"}, "next_token": {0: "batch"}, "logits": {0: "batch"},
-            "new_kv": {2: "batch", 4: "new"}, **{name: {0: "batch", 2: "capacity"} for name in names}}
-    return _export(model.lm(), (ids, torch.zeros(1, 2, t.hidden_size), torch.tensor([2]), *past), path,
-                   ["input_ids", "audio_embeds", "position", *names], ["next_token", "logits", "new_kv"], dims)
+            "position": {0: "batch"}, "cache_start": {0: "batch"}, "next_token": {0: "batch"},
+            "logits": {0: "batch"}, "new_kv": {0: "batch", 4: "new"}, **{name: {2: "capacity"} for name in names}}
+    args = (ids, torch.zeros(2, 2, t.hidden_size), torch.tensor([2, 1]), torch.tensor([0, 4]), *past)
+    return _export(model.lm(), args, path, ["input_ids", "audio_embeds", "position", "cache_start", *names],
+                   ["next_token", "logits", "new_kv"], dims)
 
 
 def export_aligner(model: Thinker, path: Path) -> dict:

@@ -5,7 +5,8 @@ the types come from the ONNX file, so the network is created STRONGLY_TYPED and 
 flag is set). Each graph is parsed with OnnxParser.parse_from_file (external weights), given
 optimization profiles sized from the manifest and the longest audio it must serve, and built
 with build_serialized_network, reusing a timing cache. The decoder gets two profiles in one
-engine, prefill (S = 1..prefill chunk) and decode (S = 1), so its weights exist once. Engines and
+engine, prefill (one request, S = 1..prefill chunk) and decode (S = 1, B = 1..--max-batch rows on
+one shared cache), so its weights exist once. Engines and
 a record (TensorRT version, GPU, compute capability, precision, profiles, the bundle's source
 hash) go to BUNDLE/engines/, replaced as a whole only when every engine is built.
 """
@@ -36,6 +37,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 PROMPT_TOKENS = 256  # chat template plus a context text, beside the audio tokens
 ALIGNER_TEXT_TOKENS = 2048  # words and timestamp slots of one aligner pass
 TYPICAL_SECONDS = 30  # the opt point of dynamic profiles
+MAX_BATCH = 8  # decode rows per step (continuous batching), the default of --max-batch
 TIMING_CACHE = "timing.cache"
 
 
@@ -49,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-audio", type=float, default=1200.0, metavar="SECONDS",
                         help="longest audio the engines serve in one pass; sizes the profiles and the KV cache "
                              "(default 1200, the pipeline's one-pass limit; use 300 or less on 8 GB Jetsons)")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, metavar="ROWS",
+                        help=f"most requests decoded per step (default {MAX_BATCH}); the shared KV cache may "
+                             "hold this many of the longest requests")
     parser.add_argument("--workspace", type=int, metavar="MB", help="TensorRT workspace limit (default: TensorRT's)")
     parser.add_argument("--timing-cache", type=Path, metavar="FILE",
                         help=f"timing cache to reuse and update (default: BUNDLE/{ENGINES}/{TIMING_CACHE})")
@@ -60,13 +65,15 @@ def run(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
     if args.max_audio <= 0:
         raise EngineError(f"--max-audio must be positive, not {args.max_audio:g}")
+    if args.max_batch < 1:
+        raise EngineError(f"--max-batch must be positive, not {args.max_batch}")
     if args.graphs_only:
         print(derive(bundle, args.precision, args.weights))
         return 0
     here = {"tensorrt": tensorrt_version(), **Cuda().device()}
     graphs = derive(bundle, args.precision, args.weights)
     contracts = json.loads((graphs / "graphs.json").read_text(encoding="utf-8"))["graphs"]
-    plans = profiles(bundle.manifest, args.max_audio)
+    plans = profiles(bundle.manifest, args.max_audio, args.max_batch)
     cache_file = args.timing_cache or bundle.path / ENGINES / TIMING_CACHE
     timing = cache_file.read_bytes() if cache_file.is_file() else b""
     with tempfile.TemporaryDirectory(dir=bundle.path, prefix=f".{ENGINES}.") as tmp:
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
                              "profiles": plans[name], "build_seconds": round(time.perf_counter() - start, 1)}
         record = {"format": RECORD_FORMAT[0], "format_version": RECORD_FORMAT[1], "qasr_version": __version__,
                   **here, "precision": args.precision, "weights": args.weights, "max_audio_s": args.max_audio,
+                  "max_batch": args.max_batch,
                   "source_sha256": bundle.manifest["source"]["sha256"],
                   "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "engines": engines}
@@ -113,8 +121,12 @@ def capacity_for(manifest: dict, seconds: float) -> int:
     return -(-rows // CAPACITY_STEP) * CAPACITY_STEP
 
 
-def profiles(manifest: dict, max_audio: float) -> dict[str, list[dict[str, list[int]]]]:
-    """Per graph, its optimization profiles: symbolic dimension -> [min, opt, max]."""
+def profiles(manifest: dict, max_audio: float, max_batch: int = MAX_BATCH) -> dict[str, list[dict[str, list[int]]]]:
+    """Per graph, its optimization profiles: symbolic dimension -> [min, opt, max].
+
+    The decoder's prefill profile is one request, reading a copy of its own filled rows; the decode
+    profile is up to `max_batch` rows on the shared cache, which holds that many of the longest.
+    """
     audio = manifest["audio"]
     frames_per_second = audio["sample_rate"] / audio["hop"]
     frames = math.ceil(max_audio * frames_per_second)
@@ -131,9 +143,10 @@ def profiles(manifest: dict, max_audio: float) -> dict[str, list[dict[str, list[
     }
     if "decoder" in manifest["graphs"]:
         one = [1, 1, 1]
+        shared = [1, cache[1] * max_batch, capacity * max_batch]
         plans["decoder"] = [
             {"batch": one, "new": [1, chunk, chunk], "audio": [1, chunk, chunk], "capacity": cache},
-            {"batch": one, "new": one, "audio": one, "capacity": cache},
+            {"batch": [1, max_batch, max_batch], "new": one, "audio": one, "capacity": shared},
         ]
     if "aligner" in manifest["graphs"]:
         audio_tokens = int(token_count(math.ceil(min(max_audio, ALIGNER_SECONDS) * frames_per_second)))

@@ -61,27 +61,33 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, past_k, past_v, valid):
-        """x [B,S,H]; past_k/v [B,kvh,P,hd] or None; valid [B,1,1,S,P+S] -> out [B,S,H], k, v [B,kvh,S,hd]."""
+        """x [B,S,H]; past_k/v [1,kvh,P,hd] (the cache shared by the B rows) or None;
+        valid [1, B, 1, S, P+S] -> out [B,S,H], k, v [B,kvh,S,hd].
+
+        The work is laid out kv-head first ([kvh, B, rep x S, hd]): the query heads of one KV head,
+        the S positions and the B rows all share a matrix dimension, so the shared cache is scored
+        by one matmul per KV head without copying it, and each row's mask keeps its own rows.
+        """
         b, s, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, s, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        # Query heads of one KV head and the S positions share a matrix dimension: 4-D matmuls, no
-        # broadcast; the mask and softmax see the 5-D view [b, kvh, rep, s, keys].
-        rep = self.heads // self.kv_heads
-        q = q.reshape(b, self.kv_heads, rep * s, self.head_dim) * (self.head_dim**-0.5)
-        scores = torch.matmul(q, k.transpose(-1, -2))
+        kvh, rep, hd = self.kv_heads, self.heads // self.kv_heads, self.head_dim
+        q = self.q_norm(self.q_proj(x).view(b, s, self.heads, hd))
+        k = self.k_norm(self.k_proj(x).view(b, s, kvh, hd))
+        v = self.v_proj(x).view(b, s, kvh, hd).transpose(1, 2)
+        q = (q * cos + rotate_half(q) * sin) * (hd**-0.5)
+        k = (k * cos + rotate_half(k) * sin).transpose(1, 2)
+        q = q.view(b, s, kvh, rep, hd).permute(2, 0, 3, 1, 4).reshape(kvh, b, rep * s, hd)
+        scores = torch.matmul(q, k.transpose(0, 1).transpose(-1, -2))
         if past_k is not None:  # score the cache in place rather than copying it into a concat
-            scores = torch.cat([torch.matmul(q, past_k.transpose(-1, -2)), scores], dim=-1)
-        scores = scores.reshape(b, self.kv_heads, rep, s, -1)
-        probs = torch.softmax(torch.where(valid, scores, MASK_VALUE), dim=-1).reshape(b, self.kv_heads, rep * s, -1)
-        out = torch.matmul(probs[..., -s:], v)
+            cached = torch.matmul(q.reshape(1, kvh, b * rep * s, hd), past_k.transpose(-1, -2))
+            scores = torch.cat([cached.reshape(kvh, b, rep * s, -1), scores], dim=-1)
+        scores = scores.reshape(kvh, b, rep, s, -1)
+        probs = torch.softmax(torch.where(valid, scores, MASK_VALUE), dim=-1).reshape(kvh, b, rep * s, -1)
+        out = torch.matmul(probs[..., -s:], v.transpose(0, 1))
         if past_v is not None:
-            out = torch.matmul(probs[..., :-s], past_v) + out
-        out = out.reshape(b, self.heads, s, self.head_dim)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1)), k, v
+            cached = torch.matmul(probs[..., :-s].reshape(1, kvh, b * rep * s, -1), past_v)
+            out = cached.reshape(kvh, b, rep * s, hd) + out
+        out = out.reshape(kvh, b, rep, s, hd).permute(1, 3, 0, 2, 4).reshape(b, s, -1)
+        return self.o_proj(out), k, v
 
 
 class MLP(nn.Module):
@@ -132,31 +138,39 @@ class Decoder(nn.Module):
         audio = torch.gather(audio_embeds, 1, index[..., None].expand(-1, -1, audio_embeds.shape[-1]))
         return torch.where(is_audio[..., None], audio.to(self.embed_tokens.weight.dtype), self.embed_tokens(input_ids))
 
-    def forward(self, x: torch.Tensor, position: torch.Tensor, past: list[torch.Tensor] | None = None):
-        """x [B,S,H] embeddings of the new tokens at `position` [B]; past: per layer K then V [B,kvh,P,hd].
+    def forward(self, x: torch.Tensor, position: torch.Tensor, past: list[torch.Tensor] | None = None,
+                start: torch.Tensor | None = None):
+        """x [B,S,H] embeddings of the new tokens at `position` [B]; past: per layer K then V
+        [1,kvh,P,hd], one cache shared by the rows; start [B]: each row's first cache row (0 if None).
 
-        Returns the normed hidden states [B,S,H] and the new K/V rows [L,2,B,kvh,S,hd]. Cache rows
-        at or beyond `position` are never read, so the cache can be preallocated and reused. One
-        tensor per layer and kind, rather than one [L,2,...] tensor: taking a layer out of a
-        stacked input is a copy of the whole cache on ONNX Runtime, at every step.
+        Row b's new tokens attend to cache rows start[b] .. start[b]+position[b]-1 and causally to
+        each other; returns the normed hidden states [B,S,H] and the new K/V rows [B,L,2,kvh,S,hd]
+        for the caller to write at start[b]+position[b] (row-major: each row's block is one strided
+        copy into the cache [L,2,1,kvh,P,hd]). Every other cache row is masked, never
+        read, so the cache can be preallocated, reused, and shared by requests of different
+        lengths, each in its own region. One tensor per layer and kind, rather than one [L,2,...]
+        tensor: taking a layer out of a stacked input is a copy of the whole cache on ONNX
+        Runtime, at every step.
         """
         s = x.shape[1]
         steps = torch.arange(s, device=x.device)
         angles = (position[:, None] + steps[None, :]).float()[..., None] * rope_inv_freq(
             self.config.head_dim, self.config.rope_theta).to(x.device)
-        angles = torch.cat([angles, angles], dim=-1)[:, None]
+        angles = torch.cat([angles, angles], dim=-1)[:, :, None]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         valid = (steps[None, :] <= steps[:, None])[None].expand(x.shape[0], -1, -1)
         if past is not None:
-            past_valid = torch.arange(past[0].shape[2], device=x.device)[None, None, :] < position[:, None, None]
+            first = torch.zeros_like(position) if start is None else start
+            cached = torch.arange(past[0].shape[2], device=x.device)[None, None, :]
+            past_valid = (cached >= first[:, None, None]) & (cached < (first + position)[:, None, None])
             valid = torch.cat([past_valid.expand(-1, s, -1), valid], dim=-1)
-        valid = valid[:, None, None]
+        valid = valid[None, :, None]
         rows = []
         for i, layer in enumerate(self.layers):
             past_k, past_v = (None, None) if past is None else (past[2 * i], past[2 * i + 1])
             x, k, v = layer(x, cos, sin, past_k, past_v, valid)
-            rows.append(torch.stack([k, v]))
-        return self.norm(x), torch.stack(rows)
+            rows.append(torch.stack([k, v], dim=1))
+        return self.norm(x), torch.stack(rows, dim=1)
 
 
 class _HeadGemm(torch.autograd.Function):
@@ -189,10 +203,10 @@ class DecoderLM(nn.Module):
         self.decoder = decoder
         self.head = head
 
-    def forward(self, input_ids, audio_embeds, position, *past):
-        """past: per layer K then V [B,kvh,P,hd] -> next_token [B], logits [B,V] of the last position,
-        new K/V rows [L,2,B,kvh,S,hd]."""
-        hidden, rows = self.decoder(self.decoder.embed(input_ids, audio_embeds), position, list(past))
+    def forward(self, input_ids, audio_embeds, position, cache_start, *past):
+        """past: per layer K then V [1,kvh,P,hd] -> next_token [B], logits [B,V] of the last position,
+        new K/V rows [B,L,2,kvh,S,hd]."""
+        hidden, rows = self.decoder(self.decoder.embed(input_ids, audio_embeds), position, list(past), cache_start)
         logits = head_logits(self.head, hidden[:, -1])
         return torch.argmax(logits, dim=-1), logits, rows
 

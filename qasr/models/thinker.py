@@ -110,8 +110,8 @@ class Thinker(nn.Module):
         logits: list[torch.Tensor] = []
         past = [cache[layer, kind] for layer in range(text.num_hidden_layers) for kind in (0, 1)]
         while len(tokens) < max_new_tokens:
-            next_token, step_logits, rows = lm(ids, audio, torch.tensor([position]), *past)
-            cache[:, :, :, :, position : position + ids.shape[1]] = rows
+            next_token, step_logits, rows = lm(ids, audio, torch.tensor([position]), torch.tensor([0]), *past)
+            cache[:, :, :, :, position : position + ids.shape[1]] = rows[0, :, :, None]
             position += ids.shape[1]
             token = int(next_token[0]) if forced is None else forced[len(tokens)]
             logits.append(step_logits[0])

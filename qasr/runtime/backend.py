@@ -27,22 +27,46 @@ class Backend(ABC):
     def project(self, hidden: np.ndarray) -> np.ndarray:
         """Encoder states [N, d_model] -> audio embeddings [N, hidden]."""
 
-    @abstractmethod
-    def begin(self, capacity: int, keep: int = 0, owner: object | None = None) -> int:
-        """Prepare the KV cache for one request of at most `capacity` tokens (allocated once).
+    owner: object | None = None  # the stream whose prompt the cache's rows from 0 hold (set by the batch engine)
 
-        A stream re-decodes a prompt that grows at its end: when `owner` also made the previous
-        request, its cache rows [0, keep) are kept (the caller knows them unchanged) and the
-        number kept is returned, so only the rest is prefilled. Otherwise 0 rows are kept.
-        """
+    @property
+    @abstractmethod
+    def reserved(self) -> int:
+        """Rows the shared cache holds now."""
 
     @abstractmethod
+    def reserve(self, rows: int, keep: bool = True) -> None:
+        """Size the KV cache shared by all requests to `rows` token rows, keeping the rows it holds
+        when `keep` (else they may be dropped). New rows are zero: a masked row still meets a zero
+        attention weight, and 0 x NaN from uninitialised memory would poison the output."""
+
+    @abstractmethod
+    def prefill(self, input_ids: np.ndarray, audio_embeds: np.ndarray, start: int, position: int) -> int:
+        """Run one request's ids [1, S] at `position`, its cache region beginning at row `start`;
+        store their K/V rows there and return the greedy next id."""
+
+    @abstractmethod
+    def step(self, ids: np.ndarray, starts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One decode step of B requests: ids [B] at positions [B] of the regions at starts [B];
+        stores each row's K/V and returns the greedy next ids [B]."""
+
+    @abstractmethod
+    def step_logits(self) -> np.ndarray:
+        """Logits [B, vocab] of the last position of each row of the last `prefill` or `step`."""
+
+    def begin(self, capacity: int) -> None:
+        """Prepare the cache for one request of at most `capacity` tokens, at row 0."""
+        self.reserve(capacity, keep=False)
+
     def decode(self, input_ids: np.ndarray, audio_embeds: np.ndarray, position: int) -> int:
-        """Run ids [1, S] at `position`, store their K/V rows in the cache, return the greedy next id."""
+        """Run ids [1, S] at `position` of the request `begin` prepared; return the greedy next id."""
+        if input_ids.shape[1] > 1:
+            return self.prefill(input_ids, audio_embeds, 0, position)
+        return int(self.step(input_ids[:, 0], np.zeros(1, dtype=np.int64), np.array([position]))[0])
 
-    @abstractmethod
     def logits(self) -> np.ndarray:
         """Logits [vocab] of the last position of the last `decode` call (for parity checks)."""
+        return self.step_logits()[0]
 
     @abstractmethod
     def align(self, input_ids: np.ndarray, audio_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from qasr.errors import BundleError
 
 MANIFEST = "manifest.json"
 FORMAT = "qasr-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoder shares one cache across batch rows (cache_start)
 
 
 @contextmanager

@@ -23,14 +23,6 @@ def row_copy(cache_shape: tuple[int, ...], rows_shape: tuple[int, ...], position
     return position * dim * itemsize, capacity * dim * itemsize, width, width, math.prod(outer)
 
 
-def prefix_copy(cache_shape: tuple[int, ...], old_capacity: int, keep: int,
-                itemsize: int) -> tuple[int, int, int, int, int]:
-    """The 2D copy (as row_copy's) of rows [0, keep) from a cache of `old_capacity` rows into a
-    new one of shape `cache_shape`: a stream's cache growing under the rows it keeps."""
-    *outer, capacity, dim = cache_shape
-    return 0, capacity * dim * itemsize, old_capacity * dim * itemsize, keep * dim * itemsize, math.prod(outer)
-
-
 class Cuda:
     """The few CUDA runtime calls the GPU backends make; cuda-python returns (error, *values)."""
 

@@ -1,8 +1,9 @@
-"""The greedy decoding loop, written once for every backend.
+"""Greedy decoding of one request, written once for every backend and for batches.
 
 The prompt is prefilled in chunks (bounded attention memory for 20-minute prompts), each chunk
-carrying the audio embeddings of the <|audio_pad|> rows it contains; then one token at a time
-until an end-of-sequence id or the budget. The KV cache is sized once for prompt + budget.
+carrying the audio embeddings of the <|audio_pad|> rows it contains; then one token per step
+until an end-of-sequence id or the budget. `Sequence` holds that per-request logic; the batch
+engine (qasr.runtime.batch) steps many of them at once, and `greedy_decode` is its one-row case.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qasr.errors import QasrError
 from qasr.runtime.backend import Backend
 
 PREFILL_CHUNK = 512
@@ -24,8 +26,9 @@ class Decoded:
     tokens: list[int]            # generated ids, end-of-sequence excluded
     stopped: bool                # an end-of-sequence id ended the run (False: the budget did)
     logits: list[np.ndarray] = field(default_factory=list)  # per step, only when asked for
-    setup_seconds: float = 0.0   # backend.begin: the cache, and on a first call a decoder still loading
+    setup_seconds: float = 0.0   # the cache, and on a first call a decoder still loading
     prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0  # the steps while the request was in the batch (with others' prefills)
 
 
 def token_budget(seconds: float) -> int:
@@ -37,6 +40,65 @@ def token_budget(seconds: float) -> int:
     return 32 + math.ceil(10 * seconds)
 
 
+class Sequence:
+    """One request's greedy state: prompt, budget, end-of-sequence ids, the ids so far.
+
+    `prefill` runs the prompt into the request's cache region and takes the first id; each decode
+    step then feeds `token` at `position` and hands the next id to `accept`, until `done`.
+
+    `owner` and `keep`: a stream re-decodes a prompt that grows at its end. When the same owner
+    made the backend's last request and this one runs alone, the cache rows [0, keep) still hold
+    its unchanged prompt prefix, and only the rest is prefilled (the engine decides: `kept`).
+    `forced`: teacher forcing (`qasr verify`): these ids are fed instead of the greedy choices,
+    one step each, end-of-sequence ids included; `tokens` are still what the model chose.
+    """
+
+    def __init__(self, prompt: list[int], audio_embeds: np.ndarray, audio_token: int, budget: int,
+                 eos_ids: tuple[int, ...], keep_logits: bool = False,
+                 on_token: Callable[[int], None] | None = None, keep: int = 0, owner: object | None = None,
+                 forced: list[int] | None = None):
+        self.prompt, self.audio_embeds, self.audio_token = prompt, audio_embeds, audio_token
+        self.budget = len(forced) if forced is not None else budget
+        self.eos_ids, self.keep_logits, self.on_token = eos_ids, keep_logits, on_token
+        self.keep, self.owner, self.forced = min(keep, len(prompt) - 1), owner, forced
+        self.kept = 0  # prompt rows the cache already held, as the engine found them
+        self.result = Decoded([], stopped=False)
+        self.position = len(prompt)  # where `token` goes
+        self.token = -1
+        self.done = False
+        self.error: QasrError | None = None
+
+    @property
+    def capacity(self) -> int:
+        """Cache rows the request can fill: its prompt and its budget."""
+        return len(self.prompt) + self.budget
+
+    def prefill(self, backend: Backend, start: int, chunk: int = PREFILL_CHUNK) -> None:
+        begun = time.perf_counter()
+        ids = np.asarray(self.prompt, dtype=np.int64)[None]
+        audio_before = np.concatenate([[0], np.cumsum(ids[0] == self.audio_token)])
+        filler = np.zeros((1, 1, self.audio_embeds.shape[1]), dtype=np.float32)
+        for begin in range(self.kept, len(self.prompt), chunk):
+            end = min(begin + chunk, len(self.prompt))
+            rows = self.audio_embeds[audio_before[begin] : audio_before[end]]
+            token = backend.prefill(ids[:, begin:end], rows[None] if len(rows) else filler, start, begin)
+        self.result.prefill_seconds = time.perf_counter() - begun
+        self.accept(token, backend.step_logits()[0] if self.keep_logits else None)
+
+    def accept(self, token: int, logits: np.ndarray | None) -> None:
+        """Take the greedy id that follows the last fed one (and its logits, when kept)."""
+        if logits is not None:
+            self.result.logits.append(logits.copy())
+        if token in self.eos_ids and self.forced is None:
+            self.result.stopped = self.done = True
+            return
+        self.result.tokens.append(token)
+        if self.on_token:
+            self.on_token(token)
+        self.token = token if self.forced is None else self.forced[len(self.result.tokens) - 1]
+        self.done = len(self.result.tokens) == self.budget
+
+
 def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray, audio_token: int,
                   budget: int, eos_ids: tuple[int, ...], keep_logits: bool = False,
                   on_token: Callable[[int], None] | None = None, prefill_chunk: int = PREFILL_CHUNK,
@@ -44,36 +106,11 @@ def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray,
     """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order.
 
     `keep`, `owner`: a stream's step, whose prompt[:keep] is unchanged since `owner`'s last call;
-    the backend keeps those cache rows (Backend.begin) and only the rest is prefilled.
-    `forced` (teacher forcing, for `qasr verify`): feed these ids instead of the greedy choices, one
-    step each, and stop after them; `tokens` are still what the model chose at every step.
+    the backend's cache keeps those rows and only the rest is prefilled (see Sequence).
+    `forced` (teacher forcing, for `qasr verify`): feed these ids instead of the greedy choices.
     """
-    budget = len(forced) if forced is not None else budget
-    began = time.perf_counter()
-    kept = backend.begin(len(prompt) + budget, min(keep, len(prompt) - 1), owner)
-    ids = np.asarray(prompt, dtype=np.int64)[None]
-    is_audio = ids[0] == audio_token
-    audio_before = np.concatenate([[0], np.cumsum(is_audio)])
-    filler = np.zeros((1, 1, audio_embeds.shape[1]), dtype=np.float32)
-    start = time.perf_counter()
-    for begin in range(kept, len(prompt), prefill_chunk):
-        end = min(begin + prefill_chunk, len(prompt))
-        rows = audio_embeds[audio_before[begin] : audio_before[end]]
-        token = backend.decode(ids[:, begin:end], rows[None] if len(rows) else filler, begin)
-    result = Decoded([], stopped=False, setup_seconds=start - began, prefill_seconds=time.perf_counter() - start)
-    step = np.zeros((1, 1), dtype=np.int64)
-    position = len(prompt)
-    while True:
-        if keep_logits:
-            result.logits.append(backend.logits().copy())
-        if token in eos_ids and forced is None:
-            result.stopped = True
-            return result
-        result.tokens.append(token)
-        if on_token:
-            on_token(token)
-        if len(result.tokens) == budget:
-            return result
-        step[0, 0] = token if forced is None else forced[len(result.tokens) - 1]
-        token = backend.decode(step, filler, position)
-        position += 1
+    from qasr.runtime.batch import decode_alone  # the engine builds on this module
+
+    sequence = Sequence(prompt, audio_embeds, audio_token, budget, eos_ids, keep_logits, on_token,
+                        keep=keep, owner=owner, forced=forced)
+    return decode_alone(backend, sequence, prefill_chunk)

@@ -1,21 +1,23 @@
 """ONNX Runtime backend: the fp32 graphs on the CPU (or any execution provider ORT offers).
 
-The decoder runs through IO binding over buffers allocated once per request: the KV cache is one
-numpy array [L, 2, 1, kvh, P, hd] whose per-layer K and V blocks ORT reads in place as its
-past_key_i / past_value_i inputs, and the decode step's inputs and outputs are bound once, so a
-decoded token allocates nothing. New K/V rows come back as an output and are copied into the
-cache at their position (the portable contract that TensorRT 10.3 also runs).
+The decoder runs through IO binding over buffers allocated once: the KV cache is one numpy array
+[L, 2, 1, kvh, P, hd] shared by every request (each in its own region of rows), whose per-layer
+K and V blocks ORT reads in place as its past_key_i / past_value_i inputs, and a decode step's
+inputs and outputs are bound once per batch size, so a decoded token allocates nothing. New K/V
+rows come back as an output and are copied into the cache at their rows (the portable contract
+that TensorRT 10.3 also runs).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from qasr.errors import BundleError
+from qasr.errors import BundleError, EngineError
 from qasr.runtime.backend import Backend
 from qasr.runtime.bundle import Bundle, cache_names
 from qasr.runtime.prepack import prepacked_graph
@@ -65,7 +67,8 @@ class OnnxRuntimeBackend(Backend):
         self.cache_shape = (model["num_hidden_layers"], 2, 1, model["num_key_value_heads"], 0, model["head_dim"])
         self.hidden_size = model["hidden_size"]
         self.cache: np.ndarray | None = None
-        self.owner: object | None = None
+        self.steps: dict[int, Call] = {}  # batch size -> the decode step's bound buffers
+        self.last: Call | None = None
 
     def _session(self, name: str) -> ort.InferenceSession:
         """The graph's prepacked copy where one was made on this kind of machine, else the graph."""
@@ -83,67 +86,96 @@ class OnnxRuntimeBackend(Backend):
     def project(self, hidden):
         return self.sessions["projector"].run(None, {"hidden": hidden})[0]
 
-    def begin(self, capacity: int, keep: int = 0, owner: object | None = None) -> int:
-        """Allocate the cache and the decode step's bound buffers for this request.
+    def reserve(self, rows: int, keep: bool = True) -> None:
+        if self.cache is not None and self.cache.shape[4] == rows:
+            return
+        layers, two, one, heads, _, dim = self.cache_shape
+        cache = np.zeros((layers, two, one, heads, rows, dim), dtype=np.float32)
+        if keep and self.cache is not None:
+            kept = min(rows, self.cache.shape[4])
+            cache[:, :, :, :, :kept] = self.cache[:, :, :, :, :kept]
+        self.cache, self.steps = cache, {}
 
-        The cache is zero-filled, never np.empty: a masked row still meets a zero attention
-        weight, and 0 x NaN from uninitialised memory would poison the output. A stream's cache
-        (an `owner`) is kept while it is large enough and grows with headroom, so its steps
-        rarely copy; stale rows past the kept ones are finite and masked.
-        """
-        layers, two, batch, heads, _, dim = self.cache_shape
-        keep = keep if owner is not None and owner is self.owner else 0
-        self.owner = owner
-        size = self.cache.shape[4] if self.cache is not None else 0
-        if size < capacity or (owner is None and size != capacity):
-            old = self.cache
-            rows = capacity if owner is None else capacity + capacity // 2
-            self.cache = np.zeros((layers, two, batch, heads, rows, dim), dtype=np.float32)
-            if keep:
-                self.cache[:, :, :, :, :keep] = old[:, :, :, :, :keep]
+    def _call(self, ids: np.ndarray, audio: np.ndarray, positions: np.ndarray, starts: np.ndarray,
+              past: list[np.ndarray]) -> Call:
+        """Bind a decoder call with its own output buffers."""
+        layers, two, _, heads, _, dim = self.cache_shape
+        batch, new = ids.shape
         vocab = self.bundle.manifest["graphs"]["decoder"]["outputs"]["logits"]["shape"][1]
-        self.step_ids = np.zeros((1, 1), dtype=np.int64)
-        self.step_position = np.zeros(1, dtype=np.int64)
-        self.step_audio = np.zeros((1, 1, self.hidden_size), dtype=np.float32)
-        self.next_token = np.zeros(1, dtype=np.int64)
-        self.last_logits = np.zeros((1, vocab), dtype=np.float32)
-        self.step_rows = np.zeros((layers, two, batch, heads, 1, dim), dtype=np.float32)
-        self.step_binding = self._bind(self.step_ids, self.step_audio, self.step_position, self.step_rows)
-        return keep
-
-    def _bind(self, ids, audio, position, rows, filled: int | None = None) -> ort.IOBinding:
-        """Bind a decoder call. The decode step reads the whole cache in place (masked past
-        `position`); a prefill chunk gets copies of only the `filled` rows, since attention over
-        the empty capacity would cost it seconds per chunk, growing with the budget."""
-        binding = self.sessions["decoder"].io_binding()
-        blocks = (self.cache[layer, kind] for layer in range(len(self.cache)) for kind in (0, 1))
-        layers = [block if filled is None else np.ascontiguousarray(block[:, :, :filled]) for block in blocks]
-        inputs = zip(["input_ids", "audio_embeds", "position", *cache_names(len(self.cache))],
-                     [ids, audio, position, *layers])
+        call = Call(ids, starts, positions, np.zeros(batch, dtype=np.int64), np.zeros((batch, vocab), dtype=np.float32),
+                    np.zeros((batch, layers, two, heads, new, dim), dtype=np.float32), self.sessions["decoder"].io_binding())
+        inputs = zip(["input_ids", "audio_embeds", "position", "cache_start", *cache_names(layers)],
+                     [ids, audio, positions, starts, *past])
         for name, array in inputs:
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
-        for name, array in (("next_token", self.next_token), ("logits", self.last_logits), ("new_kv", rows)):
-            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
-        return binding
+            call.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        for name, array in (("next_token", call.next_token), ("logits", call.logits), ("new_kv", call.rows)):
+            call.binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
+        return call
 
-    def decode(self, input_ids, audio_embeds, position):
+    def _blocks(self) -> list[np.ndarray]:
+        """Each layer's K and V as it is bound: a contiguous block [1, kvh, P, hd] of the cache."""
+        assert self.cache is not None, "reserve the cache first"
+        return [self.cache[layer, kind] for layer in range(len(self.cache)) for kind in (0, 1)]
+
+    def prefill(self, input_ids, audio_embeds, start, position):
+        """The chunk reads copies of only the request's filled rows, not the whole shared cache:
+        attention over empty or other requests' rows would cost it seconds per chunk."""
         new = input_ids.shape[1]
-        if new == 1:
-            self.step_ids[0, 0] = input_ids[0, 0]
-            self.step_position[0] = position
-            binding, rows = self.step_binding, self.step_rows
-        else:
-            rows = np.empty(self.step_rows.shape[:4] + (new, self.step_rows.shape[5]), dtype=np.float32)
-            binding = self._bind(np.ascontiguousarray(input_ids, dtype=np.int64),
-                                 np.ascontiguousarray(audio_embeds, dtype=np.float32),
-                                 np.array([position], dtype=np.int64), rows, filled=position)
-        self.sessions["decoder"].run_with_iobinding(binding)
-        self.cache[:, :, :, :, position : position + new] = rows
-        return int(self.next_token[0])
+        self._check_rows(start + position + new)
+        past = [np.ascontiguousarray(block[:, :, start : start + position]) for block in self._blocks()]
+        call = self._call(np.ascontiguousarray(input_ids, dtype=np.int64),
+                          np.ascontiguousarray(audio_embeds, dtype=np.float32),
+                          np.array([position], dtype=np.int64), np.zeros(1, dtype=np.int64), past)
+        self.sessions["decoder"].run_with_iobinding(call.binding)
+        assert self.cache is not None
+        self.cache[:, :, 0, :, start + position : start + position + new] = call.rows[0]
+        self.last = call
+        return int(call.next_token[0])
 
-    def logits(self):
-        return self.last_logits[0]
+    def step(self, ids, starts, positions):
+        batch = len(ids)
+        rows = np.asarray(starts) + np.asarray(positions)
+        self._check_rows(int(rows.max()) + 1)
+        if batch not in self.steps:
+            self.steps[batch] = self._call(np.zeros((batch, 1), dtype=np.int64),
+                                           np.zeros((batch, 1, self.hidden_size), dtype=np.float32),
+                                           np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64),
+                                           self._blocks())
+        call = self.steps[batch]
+        call.ids[:, 0], call.starts[:], call.positions[:] = ids, starts, positions
+        self.sessions["decoder"].run_with_iobinding(call.binding)
+        assert self.cache is not None
+        for b, row in enumerate(rows):
+            self.cache[:, :, 0, :, row] = call.rows[b, :, :, :, 0]
+        self.last = call
+        return call.next_token.copy()
+
+    @property
+    def reserved(self) -> int:
+        """Rows the shared cache holds."""
+        return 0 if self.cache is None else self.cache.shape[4]
+
+    def _check_rows(self, end: int) -> None:
+        if end > self.reserved:
+            raise EngineError(f"decoder call up to cache row {end} past the {self.reserved} reserved")
+
+    def step_logits(self):
+        assert self.last is not None, "no decoder call yet"
+        return self.last.logits
 
     def align(self, input_ids, audio_embeds):
         classes, logits = self.sessions["aligner"].run(None, {"input_ids": input_ids, "audio_embeds": audio_embeds})
         return classes, logits
+
+
+@dataclass
+class Call:
+    """A bound decoder call: its host buffers (read and written in place by ORT) and the binding."""
+
+    ids: np.ndarray
+    starts: np.ndarray
+    positions: np.ndarray
+    next_token: np.ndarray
+    logits: np.ndarray
+    rows: np.ndarray
+    binding: ort.IOBinding

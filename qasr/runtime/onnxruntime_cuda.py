@@ -2,10 +2,10 @@
 
 onnxruntime-gpu's CUDA execution provider (or its TensorRT provider) runs the bundle's graphs:
 the fp32 ones, or the derived fp16 ones (`qasr build BUNDLE --precision fp16 --graphs-only`).
-The KV cache is a device OrtValue bound through IO binding for the whole request; new K/V rows
-come back as a device output and go into the cache with one strided device-to-device copy
-(cuda-python's cudaMemcpy2DAsync, the same geometry as the TensorRT backend), so per token only
-the id and position go in and the greedy id comes out. bf16 graphs are TensorRT's: the CUDA
+The KV cache is a device OrtValue shared by the batch's requests (each in its own rows) and bound
+through IO binding; new K/V rows come back as a device output and go into the cache with one
+strided device-to-device copy per request (cuda-python's cudaMemcpy2DAsync, the same geometry as
+the TensorRT backend), so per step only the ids and positions go in and the greedy ids come out. bf16 graphs are TensorRT's: the CUDA
 provider lacks bf16 kernels for several elementwise ops.
 
 `device="cpu"` runs the same binding logic on the CPU provider with numpy buffers: it is how the
@@ -15,6 +15,7 @@ derived fp16 graphs are checked numerically on a machine without a GPU.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import onnxruntime as ort
 from qasr.errors import BundleError, EngineError, UsageError
 from qasr.runtime.bundle import Bundle, cache_names
 from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from qasr.runtime.cuda import Cuda, prefix_copy, row_copy
+from qasr.runtime.cuda import Cuda, row_copy
 from qasr.runtime.tensorrt_backend import ENGINES
 
 DERIVED = "derived"
@@ -79,6 +80,8 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         self.cache_type = NUMPY_TYPES[self.graphs["decoder"]["inputs"]["past_key_0"]["dtype"]] \
             if "decoder" in self.graphs else np.float32
         self.cache_value: Any = None
+        self.device_steps: dict[int, DeviceCall] = {}
+        self.last_device: Any = None
 
     def _providers(self, bundle: Bundle, provider: str, precision: str) -> list:
         if self.device == "cpu":
@@ -111,52 +114,48 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         self.cuda.sync(self.stream)
         return value, None
 
-    def begin(self, capacity: int, keep: int = 0, owner: object | None = None) -> int:
-        """The device cache for this request, and the decode step bound once to device buffers.
+    def reserve(self, rows: int, keep: bool = True) -> None:
+        """The device cache, grown (or sized afresh) in place of the old one."""
+        layers, two, one, heads, _, dim = self.cache_shape
+        shape = (layers, two, one, heads, rows, dim)
+        old, old_array = self.cache_value, self.cache
+        if old is not None and tuple(old.shape()) == shape:
+            return
+        self.cache_value, self.cache = self._zeros(shape, self.cache_type)
+        self.steps, self.device_steps = {}, {}
+        if not keep or old is None:
+            return
+        kept = min(rows, old.shape()[4])
+        if self.cache is not None and old_array is not None:
+            self.cache[:, :, :, :, :kept] = old_array[:, :, :, :, :kept]
+            return
+        itemsize = np.dtype(self.cache_type).itemsize
+        offset, pitch, _, width, height = row_copy(shape, shape[:4] + (kept, dim), 0, itemsize)
+        self.cuda.write_rows(self.cache_value.data_ptr(), old.data_ptr(),
+                             (offset, pitch, old.shape()[4] * dim * itemsize, width, height), self.stream)
+        self.cuda.sync(self.stream)
 
-        As on the CPU backend, a stream's cache (an `owner`) is kept while large enough and grows
-        with headroom, its first `keep` rows copied on the device.
-        """
-        layers, two, batch, heads, _, dim = self.cache_shape
-        keep = keep if owner is not None and owner is self.owner else 0
-        self.owner = owner
-        size = self.cache_value.shape()[4] if self.cache_value is not None else 0
-        if size < capacity or (owner is None and size != capacity):
-            rows = capacity if owner is None else capacity + capacity // 2
-            old_value, old = self.cache_value, self.cache
-            shape = (layers, two, batch, heads, rows, dim)
-            self.cache_value, new = self._zeros(shape, self.cache_type)
-            self.cache = new
-            if keep and old is not None and new is not None:
-                new[:, :, :, :, :keep] = old[:, :, :, :, :keep]
-            elif keep:
-                geometry = prefix_copy(shape, size, keep, np.dtype(self.cache_type).itemsize)
-                self.cuda.write_rows(self.cache_value.data_ptr(), old_value.data_ptr(), geometry, self.stream)
-                self.cuda.sync(self.stream)
+    @property
+    def reserved(self) -> int:
+        return 0 if self.cache_value is None else int(self.cache_value.shape()[4])
+
+    def _device_call(self, ids: np.ndarray, audio: ort.OrtValue, positions: np.ndarray, starts: np.ndarray) -> DeviceCall:
+        """ids, positions and starts stay host arrays (ORT copies their bytes in); the rest is on the device."""
+        layers, two, _, heads, _, dim = self.cache_shape
+        batch, new = ids.shape
         vocab = self.graphs["decoder"]["outputs"]["logits"]["shape"][1]
-        self.step_ids = np.zeros((1, 1), dtype=np.int64)
-        self.step_position = np.zeros(1, dtype=np.int64)
-        self.next_token = np.zeros(1, dtype=np.int64)
-        self.step_audio, _ = self._zeros((1, 1, self.hidden_size), np.float32)
-        self.step_logits, _ = self._zeros((1, vocab), np.float32)
-        self.step_new_kv = self._zeros((layers, two, batch, heads, 1, dim), self.cache_type)
-        self.step_binding = self._bind_device(self.step_ids, self.step_audio, self.step_position,
-                                              self.step_logits, self.step_new_kv[0])
-        self.last_logits_value = self.step_logits
-        return keep
-
-    def _bind_device(self, ids: np.ndarray, audio: ort.OrtValue, position: np.ndarray, logits: ort.OrtValue,
-                     rows: ort.OrtValue) -> ort.IOBinding:
-        """ids and position stay host arrays (ORT copies their 16 bytes in); the rest is on the device."""
-        binding = self.sessions["decoder"].io_binding()
-        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
-        binding.bind_ortvalue_input("position", ort.OrtValue.ortvalue_from_numpy(position))
+        call = DeviceCall(ids, starts, positions, np.zeros(batch, dtype=np.int64), self._zeros((batch, vocab), np.float32)[0],
+                          self._zeros((batch, layers, two, heads, new, dim), self.cache_type),
+                          self.sessions["decoder"].io_binding())
+        binding = call.binding
+        for name, array in (("input_ids", ids), ("position", positions), ("cache_start", starts)):
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         binding.bind_ortvalue_input("audio_embeds", audio)
         self._bind_cache(binding)
-        binding.bind_ortvalue_output("next_token", ort.OrtValue.ortvalue_from_numpy(self.next_token))
-        binding.bind_ortvalue_output("logits", logits)
-        binding.bind_ortvalue_output("new_kv", rows)
-        return binding
+        binding.bind_ortvalue_output("next_token", ort.OrtValue.ortvalue_from_numpy(call.next_token))
+        binding.bind_ortvalue_output("logits", call.logits)
+        binding.bind_ortvalue_output("new_kv", call.rows[0])
+        return call
 
     def _bind_cache(self, binding: ort.IOBinding) -> None:
         """Each layer's K and V: a contiguous block of the one cache allocation, bound in place."""
@@ -169,34 +168,64 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
                 binding.bind_input(name, "cuda", self.device_id, self.cache_type, layer_shape,
                                    self.cache_value.data_ptr() + i * block)
 
-    def decode(self, input_ids, audio_embeds, position):
-        new = input_ids.shape[1]
-        if new == 1:
-            self.step_ids[0, 0] = input_ids[0, 0]
-            self.step_position[0] = position
-            binding, new_kv = self.step_binding, self.step_new_kv
-            self.last_logits_value = self.step_logits
-        else:
-            layers, two, batch, heads, _, dim = self.cache_shape
-            new_kv = self._zeros((layers, two, batch, heads, new, dim), self.cache_type)
-            audio = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(audio_embeds, dtype=np.float32),
-                                                     self.device, self.device_id)
-            self.last_logits_value, _ = self._zeros((1, self.step_logits.shape()[1]), np.float32)
-            binding = self._bind_device(np.ascontiguousarray(input_ids, dtype=np.int64), audio,
-                                        np.array([position], dtype=np.int64), self.last_logits_value, new_kv[0])
-        self.sessions["decoder"].run_with_iobinding(binding)
-        self._write_rows(new_kv, position)
-        return int(self.next_token[0])
+    def prefill(self, input_ids, audio_embeds, start, position):
+        """On the device the chunk reads the whole cache in place (attention there is cheap)."""
+        self._check_rows(start + position + input_ids.shape[1])
+        audio = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(audio_embeds, dtype=np.float32),
+                                                 self.device, self.device_id)
+        call = self._device_call(np.ascontiguousarray(input_ids, dtype=np.int64), audio,
+                                 np.array([position], dtype=np.int64), np.array([start], dtype=np.int64))
+        self.sessions["decoder"].run_with_iobinding(call.binding)
+        self._write_rows(call.rows, 0, start + position)
+        self.cuda_sync()
+        self.last_device = call
+        return int(call.next_token[0])
 
-    def _write_rows(self, rows: tuple[ort.OrtValue, np.ndarray | None], position: int) -> None:
+    def step(self, ids, starts, positions):
+        batch = len(ids)
+        rows = np.asarray(starts) + np.asarray(positions)
+        self._check_rows(int(rows.max()) + 1)
+        if batch not in self.device_steps:
+            audio, _ = self._zeros((batch, 1, self.hidden_size), np.float32)
+            self.device_steps[batch] = self._device_call(np.zeros((batch, 1), dtype=np.int64), audio,
+                                                         np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64))
+        call = self.device_steps[batch]
+        call.ids[:, 0], call.starts[:], call.positions[:] = ids, starts, positions
+        self.sessions["decoder"].run_with_iobinding(call.binding)
+        for b, row in enumerate(rows):
+            self._write_rows(call.rows, b, int(row))
+        self.cuda_sync()
+        self.last_device = call
+        return call.next_token.copy()
+
+    def _write_rows(self, rows: tuple[ort.OrtValue, np.ndarray | None], batch_row: int, cache_row: int) -> None:
+        """Batch row `batch_row` of new_kv [B, L, 2, kvh, S, hd] into the cache at `cache_row`."""
         value, array = rows
         if self.cache is not None and array is not None:
-            self.cache[:, :, :, :, position : position + array.shape[4]] = array
+            self.cache[:, :, 0, :, cache_row : cache_row + array.shape[4]] = array[batch_row]
             return
-        geometry = row_copy(tuple(self.cache_value.shape()), tuple(value.shape()), position,
-                            np.dtype(self.cache_type).itemsize)
-        self.cuda.write_rows(self.cache_value.data_ptr(), value.data_ptr(), geometry, self.stream)
-        self.cuda.sync(self.stream)
+        _, layers, two, heads, new, dim = value.shape()
+        itemsize = np.dtype(self.cache_type).itemsize
+        geometry = row_copy(tuple(self.cache_value.shape()), (layers, two, 1, heads, new, dim), cache_row, itemsize)
+        source = value.data_ptr() + batch_row * layers * two * heads * new * dim * itemsize
+        self.cuda.write_rows(self.cache_value.data_ptr(), source, geometry, self.stream)
 
-    def logits(self):
-        return self.last_logits_value.numpy()[0]
+    def cuda_sync(self) -> None:
+        if self.device == "cuda":
+            self.cuda.sync(self.stream)
+
+    def step_logits(self):
+        return self.last_device.logits.numpy()
+
+
+@dataclass
+class DeviceCall:
+    """A bound decoder call: host ids and positions, device logits and new K/V rows."""
+
+    ids: np.ndarray
+    starts: np.ndarray
+    positions: np.ndarray
+    next_token: np.ndarray
+    logits: ort.OrtValue
+    rows: tuple[ort.OrtValue, np.ndarray | None]
+    binding: ort.IOBinding

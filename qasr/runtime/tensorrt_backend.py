@@ -1,13 +1,16 @@
 """TensorRT backend: the engines `qasr build` compiled into the bundle, the KV cache on the GPU.
 
-Per request, one device cache [L, 2, 1, kvh, P, hd] in the engine's own type (bf16 for a bf16
-build), zeroed once, each layer's K and V bound as a block of it (past_key_i, past_value_i), and
-written in place: a call's new K/V rows go in with one strided
-device-to-device copy (cudaMemcpy2DAsync: L*2*kvh rows of S*hd elements at pitch P*hd). Per token,
-the decode step is a CUDA graph captured once per request: two 8-byte copies from pinned host
-memory (token id, position), execute_async_v3, and the greedy id (argmax in the graph) copied
-back; logits cross only when `logits()` asks. One stream, one execution context per optimization
-profile (the decoder's prefill and decode profiles), no allocation per token.
+One device cache [L, 2, 1, kvh, P, hd] in the engine's own type (bf16 for a bf16 build) shared by
+the batch's requests, each in its own rows, zeroed once, each layer's K and V bound as a block of
+it (past_key_i, past_value_i), and written in place: a request's new K/V rows go in with one
+strided device-to-device copy (cudaMemcpy2DAsync: L*2*kvh rows of S*hd elements at pitch P*hd).
+A prefill chunk reads a copy of only its request's filled rows (so the prefill profile stays
+one request long). A decode step of B requests runs the CUDA graph of the smallest batch-size
+bucket (1, 2, 4, ... up to the engine's batch) that holds them, captured once per bucket and
+cache size, padded rows at position 0 whose outputs are dropped: three copies from pinned host
+memory (ids, positions, cache starts), execute_async_v3, and the greedy ids (argmax in the
+graph) copied back; logits cross only when asked. One stream, one execution context per
+optimization profile (the decoder's prefill and decode profiles), no allocation per token.
 
 tensorrt and cuda-python (`cuda.bindings.runtime`) are imported here only, and lazily, so that
 qasr.runtime imports without them. The TensorRT calls follow the documented Python API:
@@ -25,7 +28,7 @@ import numpy as np
 from qasr.errors import EngineError
 from qasr.runtime.backend import Backend
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.cuda import Cuda, prefix_copy, row_copy
+from qasr.runtime.cuda import Cuda, row_copy
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -223,21 +226,26 @@ class TensorRTBackend(Backend):
     def _open_decoder(self) -> None:
         """Contexts for both profiles and the buffers of the decode step, allocated once."""
         engine = self.engines["decoder"]
-        self.prefill = self.runners["decoder"]
-        self.step = Runner(self.cuda, engine, 1, self.stream)
-        self.cache_names = [n for n in self.prefill.inputs if n.startswith("past_")]
-        layer_max = dims(engine.get_tensor_profile_shape(self.cache_names[0], 0)[2])
+        self.prefill_runner = self.runners["decoder"]
+        self.step_runner = Runner(self.cuda, engine, 1, self.stream)
+        self.cache_names = [n for n in self.prefill_runner.inputs if n.startswith("past_")]
+        layer_max = dims(engine.get_tensor_profile_shape(self.cache_names[0], 1)[2])
         self.cache_shape = (len(self.cache_names) // 2, 2, *layer_max)
-        self.max_capacity = layer_max[2]
+        self.max_capacity = layer_max[2]  # rows of the shared cache: the engine's batch of longest requests
+        self.max_request = dims(engine.get_tensor_profile_shape(self.cache_names[0], 0)[2])[2]
         self.max_prefill = dims(engine.get_tensor_profile_shape("input_ids", 0)[2])[1]
+        self.max_batch = dims(engine.get_tensor_profile_shape("input_ids", 1)[2])[0]
+        self.buckets = [1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch] + [self.max_batch]
         self.hidden_size = dims(engine.get_tensor_profile_shape("audio_embeds", 0)[2])[2]
-        self.cache_itemsize = self.step.itemsize(self.cache_names[0])
-        self.step_ids = self.cuda.pinned(1, np.int64)
-        self.step_position = self.cuda.pinned(1, np.int64)
-        self.next_token = self.cuda.pinned(1, np.int64)
-        self.cache, self.capacity, self.graph = 0, 0, None
-        self.owner: object | None = None
-        self.last = self.step
+        self.cache_itemsize = self.step_runner.itemsize(self.cache_names[0])
+        self.step_ids = self.cuda.pinned(self.max_batch, np.int64)
+        self.step_positions = self.cuda.pinned(self.max_batch, np.int64)
+        self.step_starts = self.cuda.pinned(self.max_batch, np.int64)
+        self.next_tokens = self.cuda.pinned(self.max_batch, np.int64)
+        self.cache, self.capacity = 0, 0
+        self.graphs: dict[int, Any] = {}  # bucket -> the captured decode step
+        self.scratch, self.scratch_bytes = 0, 0  # a prefill chunk's copy of its request's filled rows
+        self.last, self.last_rows = self.step_runner, 1
 
     def encode(self, mel, frames, conv_frames):
         return self.runners["encoder"].run({"mel": mel, "frames": frames, "conv_frames": conv_frames})[0]
@@ -245,103 +253,154 @@ class TensorRTBackend(Backend):
     def project(self, hidden):
         return self.runners["projector"].run({"hidden": hidden})[0]
 
-    def begin(self, capacity: int, keep: int = 0, owner: object | None = None) -> int:
-        """Allocate (or reuse) the device cache and capture the decode step for this capacity.
+    @property
+    def reserved(self) -> int:
+        return self.capacity
 
-        A stream's cache (an `owner`) is kept while large enough, and grows with headroom under
-        the `keep` rows it copies across.
-        """
-        keep = keep if owner is not None and owner is self.owner else 0
-        self.owner = owner
-        if capacity > self.max_capacity:
-            raise EngineError(f"{self.bundle.path / ENGINES}: this request needs {capacity} cache rows and the "
-                              f"engines hold {self.max_capacity} (built for {self.record['max_audio_s']:g} s of audio); "
-                              f"rebuild for longer audio: `qasr build {self.bundle.path} --max-audio SECONDS`")
-        wanted = capacity if owner is None else capacity + capacity // 2
-        needed = min(-(-wanted // CAPACITY_STEP) * CAPACITY_STEP, self.max_capacity)
-        if needed == self.capacity or (owner is not None and capacity <= self.capacity):
-            return keep
-        old, old_capacity = self.cache, self.capacity
+    def reserve(self, rows: int, keep: bool = True) -> None:
+        """Allocate (or grow) the device cache; the decode graphs are captured again for its size."""
+        needed = -(-rows // CAPACITY_STEP) * CAPACITY_STEP
+        if rows > self.max_capacity:
+            raise EngineError(f"{self.bundle.path / ENGINES}: the batch needs {rows} cache rows and the engines "
+                              f"hold {self.max_capacity} (built for {self.record['max_audio_s']:g} s of audio, "
+                              f"batch {self.max_batch}); rebuild: `qasr build {self.bundle.path} --max-audio SECONDS`")
+        needed = min(needed, self.max_capacity)
+        if needed == self.capacity:
+            return
+        old, old_shape = self.cache, self.cache_shape
         self.cache_shape = self.cache_shape[:4] + (needed,) + self.cache_shape[5:]
         nbytes = math.prod(self.cache_shape) * self.cache_itemsize
         self.cache, self.capacity = self.cuda.malloc(nbytes), needed
         self.cuda.zero(self.cache, nbytes, self.stream)
+        if old and keep:
+            kept = min(needed, old_shape[4])
+            offset, pitch, _, width, height = row_copy(self.cache_shape, old_shape[:4] + (kept,) + old_shape[5:], 0,
+                                                       self.cache_itemsize)
+            self.cuda.write_rows(self.cache, old, (offset, pitch, old_shape[4] * old_shape[5] * self.cache_itemsize,
+                                                   width, height), self.stream)
+        self.cuda.sync(self.stream)
         if old:
-            if keep:
-                self.cuda.write_rows(self.cache, old, prefix_copy(self.cache_shape, old_capacity, keep,
-                                                                  self.cache_itemsize), self.stream)
-            self.cuda.sync(self.stream)
             self.cuda.free(old)
-            self.cuda.call(self.cuda.rt.cudaGraphExecDestroy(self.graph))
-        self._bind_cache(self.prefill)
-        self._capture_step()
-        return keep
+        for graph in self.graphs.values():
+            self.cuda.call(self.cuda.rt.cudaGraphExecDestroy(graph))
+        self.graphs = {}
+        self._bind_cache(self.step_runner, self.cache, self.cache_shape)
+        self._size_step()
 
-    def _bind_cache(self, runner: Runner) -> None:
-        layer_shape = self.cache_shape[2:]
+    def _bind_cache(self, runner: Runner, pointer: int, shape: tuple[int, ...]) -> None:
+        layer_shape = shape[2:]
         block = math.prod(layer_shape) * self.cache_itemsize
         for i, name in enumerate(self.cache_names):  # layer-major, K then V: the cache's own order
             runner.context.set_input_shape(name, layer_shape)
-            runner.context.set_tensor_address(name, self.cache + i * block)
+            runner.context.set_tensor_address(name, pointer + i * block)
 
-    def _capture_step(self) -> None:
-        """Fix the step's shapes and addresses, warm it up once, then record it as a CUDA graph."""
-        step = self.step
-        self._bind_cache(step)
-        step.bind_shapes({"input_ids": (1, 1), "audio_embeds": (1, 1, self.hidden_size), "position": (1,)})
-        self.cuda.zero(step.buffers["audio_embeds"][0], step.buffers["audio_embeds"][1], self.stream)
+    def _size_step(self) -> None:
+        """Bind the step's buffers at the largest bucket, so every bucket's graph uses the same addresses."""
+        batch = self.max_batch
+        self.step_runner.bind_shapes({"input_ids": (batch, 1), "audio_embeds": (batch, 1, self.hidden_size),
+                                      "position": (batch,), "cache_start": (batch,)})
+        self.cuda.zero(*self.step_runner.buffers["audio_embeds"], self.stream)
+
+    def _graph(self, bucket: int) -> Any:
+        """The decode step of `bucket` rows: shapes fixed, warmed up once, recorded as a CUDA graph."""
+        if bucket in self.graphs:
+            return self.graphs[bucket]
+        step = self.step_runner
+        for name, shape in (("input_ids", (bucket, 1)), ("audio_embeds", (bucket, 1, self.hidden_size)),
+                            ("position", (bucket,)), ("cache_start", (bucket,))):
+            step.context.set_input_shape(name, shape)
 
         def enqueue() -> None:
-            self.cuda.to_device(step.buffers["input_ids"][0], self.step_ids, self.stream)
-            self.cuda.to_device(step.buffers["position"][0], self.step_position, self.stream)
+            for name, host in (("input_ids", self.step_ids), ("position", self.step_positions),
+                               ("cache_start", self.step_starts)):
+                self.cuda.to_device(step.buffers[name][0], host[:bucket], self.stream)
             if not step.context.execute_async_v3(int(self.stream)):
                 raise EngineError("TensorRT failed to execute the decode step")
-            self.cuda.to_host(self.next_token, step.buffers["next_token"][0], self.stream)
+            self.cuda.to_host(self.next_tokens[:bucket], step.buffers["next_token"][0], self.stream)
 
-        self.step_ids[0] = self.step_position[0] = 0
+        saved = [a.copy() for a in (self.step_ids, self.step_positions, self.step_starts)]
+        self.step_ids[:] = self.step_positions[:] = self.step_starts[:] = 0
         enqueue()  # TensorRT initialises lazily on the first enqueue after a shape change
         self.cuda.sync(self.stream)
-        self.graph = self.cuda.capture(self.stream, enqueue)
+        self.graphs[bucket] = self.cuda.capture(self.stream, enqueue)
+        self.step_ids[:], self.step_positions[:], self.step_starts[:] = saved
+        return self.graphs[bucket]
 
-    def decode(self, input_ids, audio_embeds, position):
-        new = input_ids.shape[1]
-        if position + new > self.capacity:
-            raise EngineError(f"decode at {position}+{new} past the cache capacity {self.capacity} (call begin first)")
-        if new == 1:
-            self.step_ids[0], self.step_position[0] = input_ids[0, 0], position
-            self.cuda.launch(self.graph, self.stream)
-            runner = self.step
-        else:
-            runner = self._prefill(input_ids, audio_embeds, position)
-        rows = runner.buffers["new_kv"][0]
-        rows_shape = self.cache_shape[:4] + (new,) + self.cache_shape[5:]
-        self.cuda.write_rows(self.cache, rows, row_copy(self.cache_shape, rows_shape, position, self.cache_itemsize),
-                             self.stream)
+    def step(self, ids, starts, positions):
+        batch = len(ids)
+        rows = np.asarray(starts) + np.asarray(positions)
+        if batch > self.max_batch or int(rows.max()) >= self.capacity:
+            raise EngineError(f"a decode step of {batch} rows up to cache row {int(rows.max())} exceeds the engine's "
+                              f"batch {self.max_batch} or the {self.capacity} reserved rows")
+        bucket = next(b for b in self.buckets if b >= batch)
+        graph = self._graph(bucket)
+        self.step_ids[:batch], self.step_positions[:batch], self.step_starts[:batch] = ids, positions, starts
+        self.step_ids[batch:bucket] = self.step_positions[batch:bucket] = self.step_starts[batch:bucket] = 0
+        self.cuda.launch(graph, self.stream)
+        for b, row in enumerate(rows):
+            self._write_rows(self.step_runner, b, 1, int(row))
         self.cuda.sync(self.stream)
-        self.last = runner
-        return int(self.next_token[0])
+        self.last, self.last_rows = self.step_runner, batch
+        return self.next_tokens[:batch].copy()
 
-    def _prefill(self, input_ids: np.ndarray, audio_embeds: np.ndarray, position: int) -> Runner:
-        if input_ids.shape[1] > self.max_prefill:
-            raise EngineError(f"a prefill chunk of {input_ids.shape[1]} tokens exceeds the engine's {self.max_prefill}")
-        runner = self.prefill
+    def _write_rows(self, runner: Runner, batch_row: int, new: int, cache_row: int) -> None:
+        """Batch row `batch_row` of new_kv [B, L, 2, kvh, S, hd] into the cache at `cache_row`."""
+        rows_shape = self.cache_shape[:4] + (new,) + self.cache_shape[5:]
+        source = runner.buffers["new_kv"][0] + batch_row * math.prod(rows_shape) * self.cache_itemsize
+        self.cuda.write_rows(self.cache, source, row_copy(self.cache_shape, rows_shape, cache_row, self.cache_itemsize),
+                             self.stream)
+
+    def prefill(self, input_ids, audio_embeds, start, position):
+        new = input_ids.shape[1]
+        if position + new > self.max_request:
+            raise EngineError(f"{self.bundle.path / ENGINES}: this request needs more than the {self.max_request} cache "
+                              f"rows the engines hold per request (built for {self.record['max_audio_s']:g} s of audio); "
+                              f"rebuild for longer audio: `qasr build {self.bundle.path} --max-audio SECONDS`")
+        if start + position + new > self.capacity:
+            raise EngineError(f"prefill at {start}+{position}+{new} past the {self.capacity} reserved cache rows")
+        if new > self.max_prefill:
+            raise EngineError(f"a prefill chunk of {new} tokens exceeds the engine's {self.max_prefill}")
+        runner = self.prefill_runner
+        self._bind_cache(runner, self._filled_rows(start, position), self.cache_shape[:4] + (max(position, 1),)
+                         + self.cache_shape[5:])
         feeds: dict[str, np.ndarray] = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                                          "audio_embeds": np.ascontiguousarray(audio_embeds, dtype=np.float32),
-                                         "position": np.array([position], dtype=np.int64)}
+                                         "position": np.array([position], dtype=np.int64),
+                                         "cache_start": np.zeros(1, dtype=np.int64)}
         runner.bind_shapes({name: tuple(array.shape) for name, array in feeds.items()})
         for name, array in feeds.items():
             self.cuda.to_device(runner.buffers[name][0], array, self.stream)
         if not runner.context.execute_async_v3(int(self.stream)):
             raise EngineError("TensorRT failed to execute the prefill")
-        self.cuda.to_host(self.next_token, runner.buffers["next_token"][0], self.stream)
-        return runner
+        self.cuda.to_host(self.next_tokens[:1], runner.buffers["next_token"][0], self.stream)
+        self._write_rows(runner, 0, new, start + position)
+        self.cuda.sync(self.stream)
+        self.last, self.last_rows = runner, 1
+        return int(self.next_tokens[0])
 
-    def logits(self):
+    def _filled_rows(self, start: int, position: int) -> int:
+        """A contiguous copy of rows start .. start+position-1 of the cache (at least one zero row)."""
+        rows = max(position, 1)
+        shape = self.cache_shape[:4] + (rows,) + self.cache_shape[5:]
+        nbytes = math.prod(shape) * self.cache_itemsize
+        if nbytes > self.scratch_bytes:
+            if self.scratch:
+                self.cuda.free(self.scratch)
+            self.scratch, self.scratch_bytes = self.cuda.malloc(nbytes), nbytes
+            self.cuda.zero(self.scratch, nbytes, self.stream)  # never NaN, even where masked
+        if position:
+            row = self.cache_shape[5] * self.cache_itemsize
+            offset, _, _, width, height = row_copy(self.cache_shape, shape, start, self.cache_itemsize)
+            self.cuda.write_rows(self.scratch, self.cache + offset, (0, rows * row, self.capacity * row, width, height),
+                                 self.stream)
+        return self.scratch
+
+    def step_logits(self):
         runner = self.last
         out = np.empty(dims(runner.context.get_tensor_shape("logits")), dtype=np.float32)
         self.cuda.to_host(out, runner.buffers["logits"][0], self.stream)
         self.cuda.sync(self.stream)
-        return out[0]
+        return out[: self.last_rows]
 
     def align(self, input_ids, audio_embeds):
         classes, logits = self.runners["aligner"].run({"input_ids": input_ids, "audio_embeds": audio_embeds})

@@ -1,8 +1,9 @@
 """Audio in, text out: the ASR pipeline over any backend.
 
 load_audio -> log_mel -> encoder windows (in batches) -> projector -> prompt -> greedy decode ->
-parse. Audio up to 20 minutes goes through in one pass, as the official package does; longer
-audio is cut at the quietest point near each 20-minute mark and the parts joined (each 180 s
+parse. Many recordings decode side by side with `transcribe_many(batch_size=N)`
+(qasr.runtime.batch). Audio up to 20 minutes goes through in one pass, as the official package
+does; longer audio is cut at the quietest point near each 20-minute mark and the parts joined (each 180 s
 when word times are asked for, as the aligner's limit). A token budget that runs out is
 reported in `Transcript.truncated`, never hidden.
 """
@@ -10,8 +11,10 @@ reported in `Transcript.truncated`, never hidden.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,8 @@ from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path, split_long_
 from qasr.runtime.backend import Backend, open_backend
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.resolve import DEFAULT_MODEL, resolve_model
-from qasr.runtime.decode import greedy_decode, token_budget
+from qasr.runtime.batch import BatchDecoder, decode_alone
+from qasr.runtime.decode import Decoded, Sequence, token_budget
 from qasr.runtime.embed import add_time, embed_audio
 from qasr.runtime.formats import Transcript
 from qasr.runtime.prompt import check_language, merge_languages, parse_output, prompt_ids
@@ -81,31 +85,118 @@ class Transcriber:
         then cut into parts of at most 180 s, as the official package does for timestamps);
         `on_token` sees each generated id as it comes (the server streams text from it).
         """
+        job = self._open(audio, language, sample_rate, aligner)
+        for index in range(len(job.parts)):
+            sequence = self._sequence(job, index, context, max_new_tokens)
+            with (_Progress(self.tokenizer, sequence.budget, on_token) if progress else nullcontext()) as bar:
+                sequence.on_token = bar.update if bar else on_token
+                job.decoded[index] = decode_alone(self.backend, sequence)
+        return self._finish(job, aligner)
+
+    def transcribe_many(self, audios: Iterable, batch_size: int = 1,
+                        **options) -> Iterator[tuple[object, Transcript | QasrError]]:
+        """(audio, result) for each recording, in input order; a bad one yields its error and the rest go on.
+
+        `batch_size` > 1 decodes up to that many recordings per step (continuous batching: a
+        recording joins the batch as soon as a row is free and leaves at its end of sequence);
+        the ids are those of one at a time. `options` are transcribe's; `progress` is shown only
+        one at a time.
+        """
+        if batch_size <= 1:
+            for audio in audios:
+                try:
+                    yield audio, self.transcribe(audio, **options)
+                except QasrError as exc:
+                    yield audio, exc
+            return
+        yield from self._batched(iter(audios), batch_size, **options)
+
+    def _batched(self, audios: Iterator, batch_size: int, language: str | None = None, context: str = "",
+                 max_new_tokens: int | None = None, sample_rate: int | None = None,
+                 aligner: Aligner | None = None, progress: bool = False) -> Iterator[tuple[object, Transcript | QasrError]]:
+        """Keep the engine full: the next recording is read and encoded when a row frees up."""
+        engine = BatchDecoder(self.backend, batch_size)
+        jobs: deque[_Job] = deque()  # in input order, not yet yielded
+        parts: deque[tuple[_Job, int]] = deque()  # parts of opened recordings not yet in the engine
+        owners: dict[int, tuple[_Job, int]] = {}
+        more = True
+        while more or parts or not engine.idle:
+            while engine.active < batch_size and (more or parts):
+                if not parts:
+                    audio = next(audios, _END)
+                    more = audio is not _END
+                    if more:
+                        jobs.append(self._open_or_fail(audio, language, sample_rate, aligner))
+                        parts.extend((jobs[-1], index) for index in range(len(jobs[-1].parts)))
+                    continue
+                job, index = parts.popleft()
+                if job.error:
+                    continue
+                try:
+                    sequence = self._sequence(job, index, context, max_new_tokens)
+                except QasrError as exc:
+                    job.error = exc
+                    continue
+                owners[id(sequence)] = job, index
+                job.running += 1
+                engine.add(sequence)
+            for sequence in engine.step():
+                job, index = owners.pop(id(sequence))
+                job.running -= 1
+                job.error = job.error or sequence.error
+                job.decoded[index] = sequence.result
+            while jobs and jobs[0].complete:
+                job = jobs.popleft()
+                yield job.audio, job.error or self._finish_or_fail(job, aligner)
+
+    def _open(self, audio, language: str | None, sample_rate: int | None, aligner: Aligner | None) -> _Job:
+        """Check the options and read the recording; cut it into the parts decoded one pass each."""
         forced = check_language(language, self.languages) if language else None
         start = time.perf_counter()
         wave = load_audio(audio, sample_rate)
-        name = source_path(audio)
-        timings = {"audio": time.perf_counter() - start}
-        parts = split_long_audio(wave, ALIGN_SECONDS if aligner else MAX_SECONDS)
+        job = _Job(audio, source_path(audio), wave, forced, start)
+        job.timings["audio"] = time.perf_counter() - start
+        job.parts = split_long_audio(wave, ALIGN_SECONDS if aligner else MAX_SECONDS)
+        job.decoded = [None] * len(job.parts)
+        return job
+
+    def _open_or_fail(self, audio, language, sample_rate, aligner) -> _Job:
+        try:
+            return self._open(audio, language, sample_rate, aligner)
+        except QasrError as exc:
+            return _Job(audio, None, np.zeros(0, dtype=np.float32), None, time.perf_counter(), error=exc)
+
+    def _sequence(self, job: _Job, index: int, context: str, max_new_tokens: int | None) -> Sequence:
+        """Part `index` of the recording, encoded, as a request for the decoder."""
+        piece = job.parts[index][0]
+        embeds = embed_audio(self.backend, piece, self.window_frames, job.timings, job.name or "<audio>")
+        budget = max_new_tokens or token_budget(len(piece) / SAMPLE_RATE)
+        prompt = prompt_ids(self.tokenizer, context, job.forced, len(embeds))
+        return Sequence(prompt, embeds, self.audio_token, budget, self.eos_ids)
+
+    def _finish(self, job: _Job, aligner: Aligner | None) -> Transcript:
+        """Parse each part's ids, add word times, join the parts."""
         texts, languages, tokens, words, truncated = [], [], [], [], False
-        for piece, offset in parts:
-            embeds = embed_audio(self.backend, piece, self.window_frames, timings, name or "<audio>")
-            budget = max_new_tokens or token_budget(len(piece) / SAMPLE_RATE)
-            decoded = self._decode(embeds, context, forced, budget, timings, progress, on_token)
-            found, text = parse_output(self.tokenizer.decode(decoded.tokens), forced)
+        timings = job.timings
+        for (piece, offset), decoded in zip(job.parts, job.decoded):
+            assert decoded is not None
+            for key, seconds in (("setup", decoded.setup_seconds), ("prefill", decoded.prefill_seconds),
+                                 ("decode", decoded.decode_seconds)):
+                add_time(timings, key, seconds)
+            found, text = parse_output(self.tokenizer.decode(decoded.tokens), job.forced)
             if aligner and text.strip():
                 start_align = time.perf_counter()
-                words += aligner.align_units(piece, split_units(text, found), offset, source=name or "<audio>")
+                words += aligner.align_units(piece, split_units(text, found), offset, source=job.name or "<audio>")
                 add_time(timings, "align", time.perf_counter() - start_align)
             texts.append(text)
             languages.append(found)
             tokens += decoded.tokens
             truncated |= not decoded.stopped
-        duration = len(wave) / SAMPLE_RATE
-        timings["total"] = time.perf_counter() - start
+        duration = len(job.wave) / SAMPLE_RATE
+        timings["total"] = time.perf_counter() - job.start
         timings["rtf"] = timings["total"] / duration
         return Transcript(text="".join(texts), language=merge_languages(languages), token_ids=tokens,
-                          audio=name, duration=duration, words=words if aligner else None, timings=timings,
+                          audio=job.name, duration=duration, words=words if aligner else None, timings=timings,
                           truncated=truncated)
 
     def stream(self, language: str | None = None, context: str = "", chunk_seconds: float = 2.0,
@@ -122,24 +213,34 @@ class Transcriber:
                       unfixed_chunks=unfixed_chunks, unfixed_tokens=unfixed_tokens,
                       max_new_tokens=max_new_tokens, segment_seconds=segment_seconds)
 
-    def transcribe_many(self, audios: Iterable, **options) -> Iterator[tuple[object, Transcript | QasrError]]:
-        """(audio, result) for each recording in turn; a bad one yields its error and the rest go on."""
-        for audio in audios:
-            try:
-                yield audio, self.transcribe(audio, **options)
-            except QasrError as exc:
-                yield audio, exc
+    def _finish_or_fail(self, job: _Job, aligner: Aligner | None) -> Transcript | QasrError:
+        try:
+            return self._finish(job, aligner)
+        except QasrError as exc:
+            return exc
 
-    def _decode(self, embeds, context, language, budget, timings, progress, on_token=None):
-        prompt = prompt_ids(self.tokenizer, context, language, len(embeds))
-        start = time.perf_counter()
-        with (_Progress(self.tokenizer, budget, on_token) if progress else nullcontext()) as bar:
-            decoded = greedy_decode(self.backend, prompt, embeds, self.audio_token, budget, self.eos_ids,
-                                    on_token=bar.update if bar else on_token)
-        add_time(timings, "setup", decoded.setup_seconds)
-        add_time(timings, "prefill", decoded.prefill_seconds)
-        add_time(timings, "decode", time.perf_counter() - start - decoded.setup_seconds - decoded.prefill_seconds)
-        return decoded
+
+_END = object()
+
+
+@dataclass
+class _Job:
+    """One recording on its way through: its parts, and what decoding them has given so far."""
+
+    audio: object
+    name: str | None
+    wave: np.ndarray
+    forced: str | None
+    start: float
+    error: QasrError | None = None
+    parts: list[tuple[np.ndarray, float]] = field(default_factory=list)
+    decoded: list[Decoded | None] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    running: int = 0  # parts in the engine
+
+    @property
+    def complete(self) -> bool:
+        return not self.running and (self.error is not None or all(d is not None for d in self.decoded))
 
 
 class _Progress:

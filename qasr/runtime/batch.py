@@ -1,0 +1,190 @@
+"""Continuous batching: many requests share each decoder step.
+
+A decode step reads every weight once whether it serves one sequence or eight, so on a
+memory-bound machine eight sequences cost little more than one. Requests wait in a queue, join
+the running batch at the next step (each prefilled alone: prefill is compute-bound, batching it
+buys little) and leave at their end of sequence or budget, up to `max_batch` at a time.
+
+The KV cache is one block shared by the batch (docs/graphs.md): each request owns a region of it
+sized by its own prompt and budget, placed first-fit among the regions of the others, so a long
+recording beside short ones does not make every row as long as the longest. The block grows when
+a request finds no room and is sized afresh when the batch is empty.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+from qasr.errors import QasrError
+from qasr.runtime.backend import Backend
+from qasr.runtime.decode import PREFILL_CHUNK, Decoded, Sequence
+
+ALIGN = 64  # region sizes (so starts and the cache's size) are multiples of this many rows
+
+
+class Regions:
+    """First-fit placement of requests' cache regions [start, start + rows) in the shared cache.
+
+    Sizes round up to ALIGN rows, so every cache a row sees is a multiple of ALIGN long: then its
+    scores meet the same SIMD lanes of ONNX Runtime's softmax as when it runs alone (the new key's
+    score sits right after the cache), and the fp32 logits of a batched row are bit-identical to
+    those of the request alone, not merely close (measured; with unrounded sizes they differ in
+    the last bits, enough to flip a near-tie of a random model).
+    """
+
+    def __init__(self) -> None:
+        self.taken: dict[int, int] = {}  # start -> rows
+
+    def place(self, rows: int) -> int:
+        rows = -(-rows // ALIGN) * ALIGN
+        start = 0
+        for begin in sorted(self.taken):
+            if begin - start >= rows:
+                break
+            start = begin + self.taken[begin]
+        self.taken[start] = rows
+        return start
+
+    def release(self, start: int) -> None:
+        del self.taken[start]
+
+    @property
+    def end(self) -> int:
+        return max((start + rows for start, rows in self.taken.items()), default=0)
+
+
+class BatchDecoder:
+    """The decode loop of a batch of `Sequence`s on one backend; `step()` until `idle`.
+
+    The engine owns the backend's cache while it has requests: one engine (and one thread) drives
+    a backend at a time; a server feeds its requests to one engine with `add` between steps.
+
+    >>> engine = BatchDecoder(backend, max_batch=8)
+    >>> engine.add(sequence)            # joins at the next step
+    >>> while not engine.idle:
+    ...     for done in engine.step():  # finished (or failed: done.error) sequences
+    ...         print(done.result.tokens)
+    """
+
+    def __init__(self, backend: Backend, max_batch: int, prefill_chunk: int = PREFILL_CHUNK):
+        self.backend, self.max_batch, self.prefill_chunk = backend, max_batch, prefill_chunk
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.starts: dict[int, int] = {}  # id(sequence) -> its region's first row
+        self.regions = Regions()
+        self.rows = 0  # rows the backend's cache holds
+
+    def add(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.waiting or self.running)
+
+    @property
+    def active(self) -> int:
+        """Requests waiting or running: what a caller keeping the batch full compares to max_batch."""
+        return len(self.waiting) + len(self.running)
+
+    def run(self) -> list[Sequence]:
+        """Step until every added request has finished; the sequences in the order they did."""
+        finished = []
+        while not self.idle:
+            finished += self.step()
+        return finished
+
+    def step(self) -> list[Sequence]:
+        """Admit waiting requests into free rows, then one decode step of the batch.
+
+        Returns the sequences that finished here: at an end-of-sequence id, at their budget, or
+        with `error` set when the backend refused them (the others go on).
+        """
+        finished = self._admit()
+        if self.running:
+            began = time.perf_counter()
+            batch = self.running
+            ids = np.array([s.token for s in batch], dtype=np.int64)
+            positions = np.array([s.position for s in batch], dtype=np.int64)
+            starts = np.array([self.starts[id(s)] for s in batch], dtype=np.int64)
+            try:
+                tokens = self.backend.step(ids, starts, positions)
+            except QasrError as exc:  # nothing is known to be good about any row now
+                return finished + [self._fail(s, exc) for s in self._drain()]
+            logits = self.backend.step_logits() if any(s.keep_logits for s in batch) else None
+            spent = time.perf_counter() - began
+            for row, sequence in enumerate(batch):
+                sequence.position += 1
+                sequence.result.decode_seconds += spent
+                sequence.accept(int(tokens[row]), logits[row] if logits is not None and sequence.keep_logits else None)
+            finished += [self._leave(s) for s in batch if s.done]
+            self.running = [s for s in batch if not s.done]
+        return finished
+
+    def _admit(self) -> list[Sequence]:
+        """Place the newcomers' regions, size the cache once for them all, prefill each alone."""
+        joining = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
+        if not joining:
+            return []
+        began = time.perf_counter()
+        fresh = not self.running  # then no region is taken: size the cache for the newcomers alone
+        for sequence in joining:
+            self.starts[id(sequence)] = self.regions.place(sequence.capacity)
+        stream = joining[0] if fresh and len(joining) == 1 and joining[0].owner is not None else None
+        reuse = stream is not None and self.backend.owner is stream.owner
+        if fresh or self.regions.end > self.rows:
+            try:
+                self._reserve(stream, reuse, fresh)
+            except QasrError as exc:  # no room for them (an engine's fixed cache): they fail, the batch goes on
+                return [self._fail(sequence, exc) for sequence in joining]
+        self.backend.owner = stream.owner if stream else None  # whose prompt row 0 on now holds
+        if stream and reuse:
+            stream.kept = stream.keep
+        setup = time.perf_counter() - began
+        finished = []
+        for sequence in joining:
+            sequence.result.setup_seconds += setup
+            try:
+                sequence.prefill(self.backend, self.starts[id(sequence)], self.prefill_chunk)
+            except QasrError as exc:
+                finished.append(self._fail(sequence, exc))
+                continue
+            if sequence.done:
+                finished.append(self._leave(sequence))
+            else:
+                self.running.append(sequence)
+        return finished
+
+    def _reserve(self, stream: Sequence | None, reuse: bool, fresh: bool) -> None:
+        """Size the cache for the regions. A stream alone keeps its rows and grows with headroom, so
+        its steps (each a little longer than the last) rarely copy the cache."""
+        rows = self.regions.end
+        if stream is None:
+            self.backend.reserve(rows, keep=not fresh)
+        elif self.backend.reserved < rows:
+            self.backend.reserve(rows + rows // 2, keep=reuse)
+        self.rows = self.backend.reserved
+
+    def _leave(self, sequence: Sequence) -> Sequence:
+        self.regions.release(self.starts.pop(id(sequence)))
+        return sequence
+
+    def _fail(self, sequence: Sequence, error: QasrError) -> Sequence:
+        sequence.error, sequence.done = error, True
+        return self._leave(sequence)
+
+    def _drain(self) -> list[Sequence]:
+        batch, self.running = self.running, []
+        return batch
+
+
+def decode_alone(backend: Backend, sequence: Sequence, prefill_chunk: int = PREFILL_CHUNK) -> Decoded:
+    """One request on its own (a batch of one); raises the error the backend gave it."""
+    engine = BatchDecoder(backend, max_batch=1, prefill_chunk=prefill_chunk)
+    engine.add(sequence)
+    engine.run()
+    if sequence.error:
+        raise sequence.error
+    return sequence.result

@@ -1,0 +1,182 @@
+"""Batched decoding: many requests share each decoder step, each in its own region of one cache.
+
+fp32 ids must be those of one request at a time. The checks run on `tiny-untied`, a random
+checkpoint whose output follows the audio (different recordings give different ids), so equal
+ids mean the rows did not leak into each other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from qasr.errors import AudioError, UsageError
+from qasr.runtime import transcribe as transcribe_module
+from qasr.runtime.batch import ALIGN, BatchDecoder, Regions
+from qasr.runtime.decode import Sequence
+from qasr.runtime.prompt import prompt_ids
+from qasr.runtime.transcribe import Transcriber
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+FILES = ["en_16k_s16.wav", "de_22k.flac", "zh_16k_f32_loud.wav", "fr_48k.ogg", "it_8k_s32.wav",
+         "es_16k_4ch.wav", "short_44k.wav"]
+
+
+@pytest.fixture(scope="module")
+def model(bundle):
+    return Transcriber.load(bundle("tiny-untied"), backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def recordings(tmp_path_factory, speech):
+    """The fixtures plus a 12 s recording and one as an array: different lengths, so rows leave
+    the batch at different steps and later ones join the running batch."""
+    path = tmp_path_factory.mktemp("batch") / "speech_12s.wav"
+    sf.write(path, speech(12.0, start=1), 16000, subtype="PCM_16")
+    return [str(DATA / name) for name in FILES] + [str(path), (speech(3.3), 16000)]
+
+
+def _fields(result):
+    return result.token_ids, result.text, result.language, result.truncated
+
+
+@pytest.mark.parametrize("batch_size", [3, 8])
+def test_batched_ids_equal_one_at_a_time(model, recordings, batch_size):
+    alone = list(model.transcribe_many(recordings, max_new_tokens=24))
+    batched = list(model.transcribe_many(recordings, batch_size=batch_size, max_new_tokens=24))
+    assert [a for a, _ in batched] == recordings  # input order
+    assert [_fields(r) for _, r in batched] == [_fields(r) for _, r in alone]
+    assert len({tuple(r.token_ids) for _, r in alone}) == len(recordings)  # the output follows the audio
+
+
+def test_default_budgets_and_options_batch_too(model, recordings):
+    """The budget grown from each recording's length (rows leave at their own EOS or budget), a
+    forced language and a context."""
+    options = {"language": "English", "context": "McDonald's"}
+    alone = [model.transcribe(audio, **options) for audio in recordings[:4]]
+    batched = [r for _, r in model.transcribe_many(recordings[:4], batch_size=4, **options)]
+    assert [_fields(r) for r in batched] == [_fields(r) for r in alone]
+
+
+def test_long_recordings_decode_their_parts_in_the_batch(model, recordings, monkeypatch):
+    """A recording cut into parts (here near 7 s): each part is a request of its own, joined in order."""
+    monkeypatch.setattr(transcribe_module, "MAX_SECONDS", 7)
+    alone = [model.transcribe(audio, max_new_tokens=12) for audio in recordings[-2:]]
+    batched = [r for _, r in model.transcribe_many(recordings[-2:], batch_size=4, max_new_tokens=12)]
+    assert [_fields(r) for r in batched] == [_fields(r) for r in alone]
+
+
+def test_a_bad_recording_yields_its_error_and_the_others_go_on(model, recordings, tmp_path):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF not really")
+    audios = [recordings[0], str(broken), recordings[1], str(tmp_path / "missing.flac"), recordings[2]]
+    results = list(model.transcribe_many(audios, batch_size=2, max_new_tokens=10))
+    assert [a for a, _ in results] == audios
+    assert isinstance(results[1][1], AudioError) and isinstance(results[3][1], AudioError)
+    good = [model.transcribe(a, max_new_tokens=10).token_ids for a in (recordings[0], recordings[1], recordings[2])]
+    assert [results[i][1].token_ids for i in (0, 2, 4)] == good
+
+
+def test_a_bad_option_is_each_recording_s_error(model, recordings):
+    results = list(model.transcribe_many(recordings[:2], batch_size=2, language="Klingon"))
+    assert all(isinstance(r, UsageError) for _, r in results)
+
+
+def _sequences(model, recordings, budget):
+    embeds = [model.encode(audio) for audio in recordings]
+    return [Sequence(prompt_ids(model.tokenizer, "", None, len(e)), e, model.audio_token, budget, model.eos_ids,
+                     keep_logits=True) for e in embeds]
+
+
+def test_requests_join_at_the_next_step_and_leave_at_their_end(model, recordings):
+    engine = BatchDecoder(model.backend, max_batch=2)
+    first, second, third = _sequences(model, recordings[:3], budget=10)
+    first.budget = 6
+    engine.add(first)
+    assert engine.step() == [] and len(engine.running) == 1  # prefill gave its first id, one step the second
+    engine.add(second)
+    engine.add(third)
+    engine.step()
+    assert engine.running == [first, second] and list(engine.waiting) == [third]  # the batch is full
+    finished = engine.step() + engine.step() + engine.step()
+    assert finished == [first] and engine.running == [second] and list(engine.waiting) == [third]
+    engine.step()
+    assert engine.running == [second, third] and not engine.waiting  # third took the free row
+    assert engine.run() == [second, third] and engine.idle
+    assert [len(s.result.tokens) for s in (first, second, third)] == [6, 10, 10]
+    assert all(len(s.result.logits) == len(s.result.tokens) for s in (first, second, third))
+
+
+def test_batched_logits_equal_one_at_a_time(model, recordings):
+    """Not only the ids: every row's fp32 logits at every step, bit for bit, against the request alone."""
+    batched = _sequences(model, recordings[:5], budget=12)
+    engine = BatchDecoder(model.backend, max_batch=5)
+    for sequence in batched:
+        engine.add(sequence)
+    engine.run()
+    for sequence in _sequences(model, recordings[:5], budget=12):
+        alone = BatchDecoder(model.backend, max_batch=1)
+        alone.add(sequence)
+        alone.run()
+        mine = batched.pop(0)
+        assert mine.result.tokens == sequence.result.tokens
+        assert len(mine.result.logits) == len(sequence.result.logits) == 12
+        assert all(np.array_equal(a, b) for a, b in zip(mine.result.logits, sequence.result.logits))
+
+
+def test_each_row_s_cache_is_sized_by_its_own_budget(model, recordings):
+    """One long request beside short ones: the cache holds the sum of their regions, not the
+    batch size times the longest."""
+    sequences = _sequences(model, recordings[:3], budget=8)
+    sequences[1].budget = 600
+    engine = BatchDecoder(model.backend, max_batch=3)
+    for sequence in sequences:
+        engine.add(sequence)
+    engine.step()
+    capacities = [s.capacity for s in sequences]
+    assert model.backend.cache.shape[4] == engine.rows == sum(-(-c // ALIGN) * ALIGN for c in capacities)
+    assert engine.rows < 3 * max(capacities) / 2
+    engine.run()
+
+
+def test_regions_are_placed_first_fit_and_reused():
+    regions = Regions()
+    a, b, c = regions.place(100), regions.place(10), regions.place(50)  # sizes round up to ALIGN = 64
+    assert ALIGN == 64 and (a, b, c) == (0, 128, 192) and regions.end == 256
+    regions.release(a)
+    assert regions.place(64) == 0 and regions.place(64) == 64  # the freed [0, 128) holds both
+    regions.release(b)
+    assert regions.place(64) == 128  # the hole [128, 192) left by b
+    assert regions.place(120) == 256  # too big for any hole: after the last region
+    assert regions.end == 384
+
+
+def test_cache_rows_past_the_reserve_are_refused(model):
+    from qasr.errors import EngineError
+
+    model.backend.reserve(16, keep=False)
+    with pytest.raises(EngineError, match="past the 16 reserved"):
+        model.backend.step(np.array([1]), np.array([10]), np.array([6]))
+
+
+def test_a_request_the_cache_has_no_room_for_fails_alone(model, recordings):
+    """As on an engine built for shorter audio: the newcomer gets the error, the batch goes on."""
+    from qasr.errors import EngineError
+    from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    class FixedCache(OnnxRuntimeBackend):
+        def reserve(self, rows, keep=True):
+            if rows > 1024:
+                raise EngineError(f"the batch needs {rows} cache rows and the engine holds 1024")
+            super().reserve(rows, keep)
+
+    backend = FixedCache(model.bundle)
+    first, second = _sequences(model, recordings[:2], budget=5)
+    second.budget = 2000
+    engine = BatchDecoder(backend, max_batch=2)
+    engine.add(first)
+    engine.step()
+    engine.add(second)
+    assert engine.step() == [second] and "1024" in str(second.error)
+    assert engine.run() == [first] and first.error is None and len(first.result.tokens) == 5
