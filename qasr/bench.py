@@ -86,14 +86,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def prepare(preset: str, cache: Path) -> tuple[Path, Path]:
     """The random checkpoint and its bundle, made once and reused from the cache."""
+    from qasr.errors import QasrError
     from qasr.export.onnx_export import export_bundle
     from qasr.models.synthetic import make_checkpoint
+    from qasr.runtime.bundle import Bundle
 
     checkpoint, bundle = cache / f"qwen3-asr-{preset}", cache / f"qwen3-asr-{preset}-bundle"
     if not (checkpoint / "config.json").is_file():
         print(f"generating {checkpoint}", file=sys.stderr)
         make_checkpoint(checkpoint, preset, seed=0)
-    if not (bundle / "manifest.json").is_file():
+    try:
+        Bundle.load(bundle)
+    except QasrError:  # missing, or written in an older bundle format: export it (again)
         export_bundle(checkpoint, bundle, progress=lambda line: print(line, file=sys.stderr))
     return checkpoint, bundle
 

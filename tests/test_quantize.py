@@ -222,7 +222,7 @@ def test_tensorrt_int4_graphs_are_in_the_operator_table_and_run(bundle, tmp_path
     t = loaded.model["text"]
     feeds = {"input_ids": np.array([[151644, 8948, 198, 151645, 198]], dtype=np.int64),
              "audio_embeds": np.zeros((1, 1, t["hidden_size"]), dtype=np.float32),
-             "position": np.zeros(1, dtype=np.int64),
+             "position": np.zeros(1, dtype=np.int64), "cache_start": np.zeros(1, dtype=np.int64),
              **{f"past_{kind}_{layer}": np.zeros((1, t["num_key_value_heads"], 0, t["head_dim"]), dtype=np.float32)
                 for layer in range(t["num_hidden_layers"]) for kind in ("key", "value")}}
     a, b = (session[name].run(["logits"], feeds)[0][0] for name in ("fp32", "int4"))
