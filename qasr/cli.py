@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require this key (Authorization: Bearer KEY); default $QASR_API_KEY")
     serve.add_argument("--max-upload-mb", type=float, default=100.0, help="largest upload accepted (413 past it)")
     serve.add_argument("--max-queue", type=_positive, default=16, help="requests that may wait (429 past it)")
+    serve.add_argument("--max-batch", type=_positive, default=8,
+                       help="requests decoded together in each step (1: one at a time)")
     serve.add_argument("--max-new-tokens", type=_positive, help="cap the token budget per request")
     serve.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     serve.add_argument("--drain-seconds", type=int, default=30, help="on SIGTERM, time given to work in flight")
@@ -326,7 +328,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     options = Options(model=args.model, aligner=args.aligner, backend=args.backend, threads=args.threads,
                       api_key=args.api_key or None, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
-                      max_new_tokens=args.max_new_tokens, cors_origins=args.cors_origin,
+                      max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, cors_origins=args.cors_origin,
                       drain_seconds=args.drain_seconds)
     return serve(options, args.host, args.port)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -50,3 +51,29 @@ class RunningServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class Blocker:
+    """Holds the one inference worker (and a place in the queue) until released, as a long request would."""
+
+    def __init__(self, server):
+        self.release = threading.Event()
+        service = server.service
+
+        async def hold():
+            service.admit()
+            try:
+                await service.run(self.release.wait)
+            finally:
+                service.leave()
+
+        self.future = asyncio.run_coroutine_threadsafe(hold(), service.loop)
+        while server.service.worker.calling is None:
+            time.sleep(0.01)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.future.result(10)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -19,7 +18,7 @@ openai = pytest.importorskip("openai", reason="the openai SDK (test extra) is no
 import httpx2 as httpx  # noqa: E402  (the HTTP client the openai SDK ships with)
 
 from qasr.serve.service import Options, Service  # noqa: E402
-from serving import RunningServer, free_port  # noqa: E402
+from serving import Blocker, RunningServer, free_port  # noqa: E402
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 EN = DATA / "en_16k_s16.wav"
@@ -41,10 +40,10 @@ def post(server, timeout=60.0):
                           data={"model": "qasr"}, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def small_queue(bundle):
+@pytest.fixture(scope="module", params=[1, 4], ids=["max-batch-1", "max-batch-4"])
+def small_queue(bundle, request):
     running = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime", max_new_tokens=TOKENS,
-                                    max_queue=2))
+                                    max_queue=2, max_batch=request.param))
     yield running
     running.stop()
 
@@ -93,43 +92,20 @@ def test_eight_clients_on_a_queue_of_two(small_queue):
     assert metric(small_queue, "qasr_tokens_total") > 0 and metric(small_queue, "qasr_audio_seconds_total") > 0
 
 
-class Blocker:
-    """Holds the one inference worker (and a place in the queue) until released, as a long request would."""
-
-    def __init__(self, server):
-        self.release = threading.Event()
-        service = server.service
-
-        async def hold():
-            service.admit()
-            try:
-                await service.run(self.release.wait)
-            finally:
-                service.leave()
-
-        self.future = asyncio.run_coroutine_threadsafe(hold(), service.loop)
-        while server.service.slots is None or not server.service.slots.locked():
-            time.sleep(0.01)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release.set()
-        self.future.result(10)
-
-
 def test_a_full_queue_is_refused_at_once_with_retry_after(small_queue):
     service = small_queue.service
     with Blocker(small_queue):
-        pending = ThreadPoolExecutor(2)
+        pending = ThreadPoolExecutor(8)
         waiting = [pending.submit(post, small_queue) for _ in range(2)]
         while service.admitted < 3:
+            time.sleep(0.01)
+        fill = [pending.submit(post, small_queue) for _ in range(service.options.max_batch - 1)]
+        while service.admitted < 2 + service.options.max_batch:
             time.sleep(0.01)
         refused = post(small_queue)
         assert refused.status_code == 429 and refused.headers["retry-after"].isdigit()
         assert refused.json()["error"]["code"] == "queue_full"
-    assert [w.result().status_code for w in waiting] == [200, 200]
+    assert [w.result().status_code for w in waiting + fill] == [200] * (2 + len(fill))
 
 
 def test_a_client_that_leaves_while_queued_is_dropped(small_queue):

@@ -89,6 +89,15 @@ class BatchDecoder:
         """Requests waiting or running: what a caller keeping the batch full compares to max_batch."""
         return len(self.waiting) + len(self.running)
 
+    def cancel(self, sequence: Sequence, error: QasrError) -> Sequence:
+        """Between steps: drop a request (its client left) with `error`; its rows are free at once."""
+        if sequence in self.waiting:
+            self.waiting.remove(sequence)
+            sequence.error, sequence.done = error, True
+            return sequence
+        self.running.remove(sequence)
+        return self._fail(sequence, error)
+
     def run(self) -> list[Sequence]:
         """Step until every added request has finished; the sequences in the order they did."""
         finished = []

@@ -114,40 +114,18 @@ class Transcriber:
     def _batched(self, audios: Iterator, batch_size: int, language: str | None = None, context: str = "",
                  max_new_tokens: int | None = None, sample_rate: int | None = None,
                  aligner: Aligner | None = None, progress: bool = False) -> Iterator[tuple[object, Transcript | QasrError]]:
-        """Keep the engine full: the next recording is read and encoded when a row frees up."""
-        engine = BatchDecoder(self.backend, batch_size)
-        jobs: deque[_Job] = deque()  # in input order, not yet yielded
-        parts: deque[tuple[_Job, int]] = deque()  # parts of opened recordings not yet in the engine
-        owners: dict[int, tuple[_Job, int]] = {}
-        more = True
-        while more or parts or not engine.idle:
-            while engine.active < batch_size and (more or parts):
-                if not parts:
-                    audio = next(audios, _END)
-                    more = audio is not _END
-                    if more:
-                        jobs.append(self._open_or_fail(audio, language, sample_rate, aligner))
-                        parts.extend((jobs[-1], index) for index in range(len(jobs[-1].parts)))
-                    continue
-                job, index = parts.popleft()
-                if job.error:
-                    continue
-                try:
-                    sequence = self._sequence(job, index, context, max_new_tokens)
-                except QasrError as exc:
-                    job.error = exc
-                    continue
-                owners[id(sequence)] = job, index
-                job.running += 1
-                engine.add(sequence)
-            for sequence in engine.step():
-                job, index = owners.pop(id(sequence))
-                job.running -= 1
-                job.error = job.error or sequence.error
-                job.decoded[index] = sequence.result
-            while jobs and jobs[0].complete:
-                job = jobs.popleft()
-                yield job.audio, job.error or self._finish_or_fail(job, aligner)
+        """The next recording is read and encoded when a row frees up; results leave in input order."""
+        batcher = Batcher(self, batch_size)
+        order: deque[_Job] = deque()  # in input order, not yet yielded
+        audio = next(audios, _END)
+        while audio is not _END or not batcher.idle:
+            while batcher.fill() and audio is not _END:
+                order.append(batcher.open(audio, language, context, max_new_tokens, sample_rate, aligner))
+                audio = next(audios, _END)
+            batcher.step()
+            while order and order[0].result is not None:
+                job = order.popleft()
+                yield job.audio, job.result
 
     def _open(self, audio, language: str | None, sample_rate: int | None, aligner: Aligner | None) -> _Job:
         """Check the options and read the recording; cut it into the parts decoded one pass each."""
@@ -220,6 +198,76 @@ class Transcriber:
             return exc
 
 
+class Batcher:
+    """Keeps one BatchDecoder full from whole recordings, for `transcribe_many` and the server.
+
+    A recording is opened (read, cut into parts) by `open`; its parts are encoded and join the
+    engine as rows free up; when its last part ends it is finished (parsed, aligned, joined) at
+    once, so a short request beside long ones is answered as soon as it is done. One thread
+    drives a Batcher (the backend is not thread-safe); the server adds requests between steps.
+    """
+
+    def __init__(self, model: Transcriber, max_batch: int):
+        self.model = model
+        self.engine = BatchDecoder(model.backend, max_batch)
+        self.parts: deque[tuple[_Job, int]] = deque()  # parts of opened recordings not yet in the engine
+        self.owners: dict[int, tuple[_Job, int, Sequence]] = {}  # id(sequence) -> recording, part, itself
+        self.jobs: list[_Job] = []  # opened and not yet finished
+
+    @property
+    def idle(self) -> bool:
+        return not self.jobs
+
+    def open(self, audio, language: str | None = None, context: str = "", max_new_tokens: int | None = None,
+             sample_rate: int | None = None, aligner: Aligner | None = None,
+             on_token: Callable[[int], None] | None = None, gone: Callable[[], bool] | None = None) -> _Job:
+        """Take a recording (`transcribe`'s options); `gone()` true drops it between steps."""
+        job = self.model._open_or_fail(audio, language, sample_rate, aligner)
+        job.context, job.max_new_tokens, job.aligner, job.on_token, job.gone = (
+            context, max_new_tokens, aligner, on_token, gone)
+        self.parts.extend((job, index) for index in range(len(job.parts)))
+        self.jobs.append(job)
+        return job
+
+    def fill(self) -> bool:
+        """Encode waiting parts into free rows; whether a row is still free (room for another recording)."""
+        while self.engine.active < self.engine.max_batch and self.parts:
+            job, index = self.parts.popleft()
+            if job.error:
+                continue
+            try:
+                sequence = self.model._sequence(job, index, job.context, job.max_new_tokens)
+            except QasrError as exc:
+                job.error = exc
+                continue
+            sequence.on_token = job.on_token
+            self.owners[id(sequence)] = job, index, sequence
+            job.running += 1
+            self.engine.add(sequence)
+        return self.engine.active < self.engine.max_batch
+
+    def step(self) -> list[_Job]:
+        """Fill free rows, drop recordings whose client left, one decode step; the recordings finished
+        here, each with its `result` (a Transcript or the error it met)."""
+        self.fill()
+        for job, _, sequence in list(self.owners.values()):
+            if job.gone and job.gone():
+                self._retire(self.engine.cancel(sequence, QasrError("the client went away")))
+        for sequence in self.engine.step():
+            self._retire(sequence)
+        done = [job for job in self.jobs if job.complete]
+        for job in done:
+            self.jobs.remove(job)
+            job.result = job.error or self.model._finish_or_fail(job, job.aligner)
+        return done
+
+    def _retire(self, sequence: Sequence) -> None:
+        job, index, _ = self.owners.pop(id(sequence))
+        job.running -= 1
+        job.error = job.error or sequence.error
+        job.decoded[index] = sequence.result
+
+
 _END = object()
 
 
@@ -237,6 +285,12 @@ class _Job:
     decoded: list[Decoded | None] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     running: int = 0  # parts in the engine
+    context: str = ""
+    max_new_tokens: int | None = None
+    aligner: Aligner | None = None
+    on_token: Callable[[int], None] | None = None
+    gone: Callable[[], bool] | None = None
+    result: Transcript | QasrError | None = None  # once finished
 
     @property
     def complete(self) -> bool:

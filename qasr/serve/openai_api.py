@@ -129,21 +129,31 @@ async def parse_form(request: Request, service: Service) -> Job:
     return parsed
 
 
-def transcribe_upload(service: Service, req: Job, on_token=None):
-    """On the worker: decode the upload once, then the same Transcriber call as `qasr transcribe`."""
+def read_upload(req: Job):
+    """Off the worker (it only decodes): the upload as 16 kHz samples, its facts, the seconds it took."""
     started = time.perf_counter()
     wave = load_audio(req.upload.file)
     req.upload.file.seek(0)
     info = sf.info(req.upload.file)
-    decoded = time.perf_counter() - started
-    result = service.model.transcribe(wave, sample_rate=SAMPLE_RATE, language=req.language, context=req.context,
-                                      max_new_tokens=service.options.max_new_tokens,
-                                      aligner=service.aligner if req.needs_aligner else None, on_token=on_token)
+    facts = {"sample_rate": info.samplerate, "channels": info.channels, "format": info.format}
+    return wave, facts, time.perf_counter() - started
+
+
+async def transcribe_upload(service: Service, req: Job, request: Request, on_token=None, stop=None):
+    """Decode the upload, then the same Transcriber pieces as `qasr transcribe`, in the server's batch.
+
+    Returns (transcript, facts, seconds queued); `stop` receives the queued Work (a stream cancels it)."""
+    wave, facts, decoded = await asyncio.to_thread(read_upload, req)
+    work = service.transcription(wave, on_token, language=req.language, context=req.context,
+                                 max_new_tokens=service.options.max_new_tokens, sample_rate=SAMPLE_RATE,
+                                 aligner=service.aligner if req.needs_aligner else None)
+    if stop:
+        stop(work)
+    result = await service.wait(work, request.is_disconnected)
     result.timings["audio"] += decoded
     result.timings["total"] += decoded
     result.timings["rtf"] = result.timings["total"] / result.duration
-    facts = {"sample_rate": info.samplerate, "channels": info.channels, "format": info.format}
-    return result, facts
+    return result, facts, work.queued
 
 
 def verbose_json(result, facts: dict) -> dict:
@@ -216,8 +226,7 @@ async def transcriptions(request: Request, service: Service) -> Response:
             admitted = False  # the stream's generator leaves the queue when it ends
             return await stream_events(request, service, req)
         try:
-            (result, facts), queued = await service.run(lambda: transcribe_upload(service, req),
-                                                        request.is_disconnected)
+            result, facts, queued = await transcribe_upload(service, req, request)
         except QasrError as exc:
             raise ApiError(400, str(exc).replace("<file>", "file"), "file") from None
         except Disconnected:
@@ -233,26 +242,23 @@ async def transcriptions(request: Request, service: Service) -> Response:
 async def stream_events(request: Request, service: Service, req: Job) -> Response:
     """`stream=true`: server-sent events transcript.text.delta ... transcript.text.done.
 
-    The worker pushes deltas through a thread-safe hand-off; a client that goes away sets a flag
-    the worker checks at every token, so an abandoned stream stops decoding at once.
+    The worker pushes deltas through a thread-safe hand-off; a client that goes away marks its
+    request gone, and the worker drops it from the batch at the next step.
     """
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    cancelled = False
+    queued: list = []  # the Work once submitted, so a departed client can cancel it
     deltas = TextDeltas(service.model.tokenizer, forced=req.language is not None)
 
     def on_token(token_id: int) -> None:
-        if cancelled:
-            raise Disconnected()
         delta = deltas.push(token_id)
         if delta:
             loop.call_soon_threadsafe(events.put_nowait, ("delta", delta))
 
     async def work():
         try:
-            (result, facts), queued = await service.run(lambda: transcribe_upload(service, req, on_token),
-                                                        request.is_disconnected)
-            service.metrics.record(result, queued)
+            result, facts, queued_for = await transcribe_upload(service, req, request, on_token, queued.append)
+            service.metrics.record(result, queued_for)
             request.state.audio_seconds = result.duration
             await events.put(("done", (result, facts)))
         except QasrError as exc:
@@ -269,7 +275,6 @@ async def stream_events(request: Request, service: Service, req: Job) -> Respons
         raise first[1]
 
     async def body():
-        nonlocal cancelled
         item = first
         try:
             while True:
@@ -288,7 +293,8 @@ async def stream_events(request: Request, service: Service, req: Job) -> Respons
                     return
                 item = await events.get()
         finally:
-            cancelled = True  # the worker stops at its next token and leaves the queue itself
+            for left in queued:
+                left.leave()  # the worker drops it at its next step; work() then leaves the queue
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -1,10 +1,13 @@
 """The one model in memory, the bounded queue in front of it, and the server's metrics.
 
-Inference runs on one worker thread: a backend holds one KV cache and ONNX Runtime (or TensorRT)
-already uses every core it is given for one request, so a second worker would only split them.
-Requests wait for that worker in a queue bounded by --max-queue; past it they are refused at
-once (429) rather than piling up memory, and a client that leaves while queued is dropped
-before any work is spent on it.
+Inference runs on one worker thread, which alone drives the backend (it is not thread-safe, and
+ONNX Runtime or TensorRT already uses every core it is given). That thread keeps one continuous
+batch (qasr.runtime.transcribe.Batcher): a request's audio is encoded and joins the running
+batch at the next decode step, up to --max-batch at a time, and leaves at its end of sequence, so
+concurrent requests share each step's read of the weights. Requests past those rows wait in a
+queue bounded by --max-queue; past it they are refused at once (429) rather than piling up
+memory, and a client that leaves is dropped (before any work is spent on it when still queued).
+Other work on the model (realtime sessions' steps) runs on the same thread between batches.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +34,6 @@ if TYPE_CHECKING:
     from qasr.runtime.transcribe import Transcriber
 
 log = logging.getLogger("qasr.serve")
-WORKERS = 1
 STAGES = ("queue", "audio", "frontend", "encoder", "setup", "prefill", "decode", "align", "total")
 
 
@@ -44,6 +48,7 @@ class Options:
     api_key: str | None = None
     max_upload_mb: float = 100.0
     max_queue: int = 16
+    max_batch: int = 8
     max_new_tokens: int | None = None
     cors_origins: list[str] = field(default_factory=list)
     drain_seconds: int = 30
@@ -81,6 +86,8 @@ class Metrics:
                                registry=self.registry)
         self.realtime_sessions = Gauge("qasr_realtime_sessions", "open realtime WebSocket sessions",
                                        registry=self.registry)
+        self.batch_size = Histogram("qasr_batch_size", "requests sharing each decode step",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64), registry=self.registry)
 
     def record(self, transcript, queued: float) -> None:
         self.audio_seconds.inc(transcript.duration)
@@ -96,6 +103,116 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+@dataclass
+class Work:
+    """A request for the worker: a transcription (`audio` and Batcher.open's `options`) or, with
+    `call`, any other work on the model, run when the batch is empty. `state` moves queued ->
+    running or dropped under `lock`, so a client that leaves is either dropped unstarted or
+    cancelled between steps, never both."""
+
+    audio: object = None
+    options: dict = field(default_factory=dict)
+    on_token: Callable[[int], None] | None = None
+    call: Callable[[], object] | None = None
+    future: Future = field(default_factory=Future)
+    state: str = "queued"
+    gone: bool = False  # the client left (the worker drops its rows at the next step)
+    submitted: float = field(default_factory=time.perf_counter)
+    queued: float = 0.0  # seconds it waited for the worker
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> bool:
+        with self.lock:
+            if self.state == "dropped":
+                return False
+            self.state, self.queued = "running", time.perf_counter() - self.submitted
+            return True
+
+    def leave(self) -> bool:
+        """The client left: True when it was still queued (dropped, nothing computed)."""
+        with self.lock:
+            self.gone = True
+            if self.state == "queued":
+                self.state = "dropped"
+                return True
+            return False
+
+
+class Worker:
+    """The one thread that drives the backend: a continuous batch of transcriptions, and other
+    calls (realtime steps) run alone between batches, in the order they came."""
+
+    def __init__(self, model: Transcriber, max_batch: int, metrics: Metrics):
+        from qasr.runtime.transcribe import Batcher
+
+        self.inbox: queue.SimpleQueue[Work] = queue.SimpleQueue()
+        self.model, self.max_batch, self.metrics = model, max_batch, metrics
+        self.batcher = Batcher(model, max_batch)
+        self.waiting: dict[int, Work] = {}  # id(job) -> the work it answers
+        self.calling: Work | None = None    # the call on the model now
+        threading.Thread(target=self._loop, name="qasr-infer", daemon=True).start()
+
+    def submit(self, work: Work) -> Work:
+        self.inbox.put(work)
+        return work
+
+    def _loop(self) -> None:
+        held = None  # a call waiting for the batch to empty
+        while True:
+            if held is None:
+                held = self._take(block=self.batcher.idle)
+            if held is not None and self.batcher.idle:
+                self._call(held)
+                held = None
+            elif not self.batcher.idle:
+                self._step()
+
+    def _take(self, block: bool) -> Work | None:
+        """Open queued transcriptions into free rows; a call is handed back, to run once the batch is empty."""
+        while self.batcher.fill():
+            try:
+                work = self.inbox.get(block=block)
+            except queue.Empty:
+                return None
+            block = False
+            if not work.start():
+                continue  # its client left while it was queued
+            if work.call is not None:
+                return work
+            job = self.batcher.open(work.audio, on_token=work.on_token, gone=lambda w=work: w.gone, **work.options)
+            self.waiting[id(job)] = work
+        return None
+
+    def _step(self) -> None:
+        self.metrics.batch_size.observe(self.batcher.engine.active)
+        try:
+            finished = self.batcher.step()
+        except Exception as exc:  # a bug, not bad input: fail this batch, keep serving
+            log.exception("the batch failed")
+            for work in self.waiting.values():
+                work.future.set_exception(exc)
+            self.waiting.clear()
+            self.batcher = type(self.batcher)(self.model, self.max_batch)
+            return
+        for job in finished:
+            work = self.waiting.pop(id(job))
+            if work.gone:
+                work.future.set_exception(Disconnected())
+            elif isinstance(job.result, QasrError):
+                work.future.set_exception(job.result)
+            else:
+                work.future.set_result(job.result)
+
+    def _call(self, work: Work) -> None:
+        self.calling = work
+        try:
+            work.future.set_result(work.call())  # type: ignore[misc]
+        except BaseException as exc:
+            work.future.set_exception(exc)
+        finally:
+            self.calling = None
+
+
 class Service:
     """Loads the model in the background (so /health can say "loading"), then runs requests on it."""
 
@@ -103,13 +220,12 @@ class Service:
         self.options = options
         self.model: Transcriber = None  # type: ignore[assignment]  # set once loaded (state "ready")
         self.aligner: Aligner | None = None
+        self.worker: Worker = None  # type: ignore[assignment]  # started once loaded
         self.state = "loading"       # loading -> ready | failed; draining at shutdown
         self.error: str | None = None
         self.metrics = Metrics()
-        self.executor = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="qasr-infer")
         self.admitted = 0
         self.realtime_sessions = 0
-        self.slots: asyncio.Semaphore | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once it runs
         self.tasks: set = set()         # stream workers in flight (held so they are not collected)
         self.loaded_at = 0.0
@@ -141,7 +257,9 @@ class Service:
             log.error("qasr: error: %s", exc)
             self.on_failure()
             return
-        self.model, self.aligner, self.loaded_at, self.state = model, aligner, time.time(), "ready"
+        self.model, self.aligner, self.loaded_at = model, aligner, time.time()
+        self.worker = Worker(model, o.max_batch, self.metrics)
+        self.state = "ready"
         log.info("loaded %s on %s in %.1f s", self.model_id, model.backend.name, time.perf_counter() - started)
 
     @property
@@ -153,15 +271,16 @@ class Service:
     # -- the queue -----------------------------------------------------------------------
 
     def admit(self) -> None:
-        """Take a place in the queue or refuse at once; every admit() is paired with a leave()."""
+        """Take a place (a batch row or the queue) or refuse at once; every admit() is paired with a leave()."""
         if self.state == "draining":
             raise Busy(503, "the server is shutting down", "shutting_down", retry_after=5)
         if self.state != "ready":
             message = f"the model failed to load: {self.error}" if self.error else "the model is still loading"
             raise Busy(503, message, "model_not_ready", retry_after=5)
-        if self.admitted >= WORKERS + self.options.max_queue:
+        if self.admitted >= self.options.max_batch + self.options.max_queue:
             raise Busy(429, f"the server is busy: {self.admitted} requests are queued or running "
-                            f"(--max-queue {self.options.max_queue}); retry shortly", "queue_full")
+                            f"(--max-batch {self.options.max_batch}, --max-queue {self.options.max_queue}); "
+                            "retry shortly", "queue_full")
         self.admitted += 1
         self.metrics.queue_depth.set(self.admitted)
 
@@ -169,31 +288,30 @@ class Service:
         self.admitted -= 1
         self.metrics.queue_depth.set(self.admitted)
 
-    async def run(self, work, gone=None):
-        """Run `work()` on the worker once a slot frees; `gone()` (async) says the client left.
+    def transcription(self, audio, on_token: Callable[[int], None] | None = None, **options) -> Work:
+        """Queue a recording for the batch (Batcher.open's options); `wait` for its Transcript."""
+        return self.worker.submit(Work(audio, options, on_token))
 
-        Returns (result, seconds spent waiting). A client that leaves while waiting is dropped
-        without its work ever starting; once started, work runs to its end (a caller that can
-        stop it early passes a callable that checks a flag).
-        """
-        if self.slots is None:
-            self.slots = asyncio.Semaphore(WORKERS)
-        queued = time.perf_counter()
-        acquire = asyncio.ensure_future(self.slots.acquire())
+    async def run(self, work: Callable[[], object], gone=None):
+        """Run `work()` on the worker, alone, once the batch before it is done: (result, seconds waited)."""
+        queued = self.worker.submit(Work(call=work))
+        return await self.wait(queued, gone), queued.queued
+
+    async def wait(self, work: Work, gone=None):
+        """The work's result; `gone()` (async) says the client left. A client that leaves while queued
+        is dropped without its work ever starting; a transcription already in the batch is cancelled
+        at the next step (a call, once started, runs to its end). Either way: Disconnected."""
+        answer = asyncio.wrap_future(work.future)
         try:
-            while not (await asyncio.wait({acquire}, timeout=0.2))[0]:
-                if gone and await gone():
-                    self.metrics.dropped.inc()
-                    raise Disconnected()
+            while not (await asyncio.wait({answer}, timeout=0.2))[0]:
+                if gone and not work.gone and await gone():
+                    if work.leave():
+                        self.metrics.dropped.inc()
+                        raise Disconnected()
         except BaseException:
-            if not acquire.cancel() and not acquire.cancelled():
-                self.slots.release()  # it was granted just as we gave up
+            work.leave()
             raise
-        waited = time.perf_counter() - queued
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, work), waited
-        finally:
-            self.slots.release()
+        return answer.result()
 
     async def drain(self) -> None:
         """Refuse new work; uvicorn then waits for what is in flight (--drain-seconds)."""

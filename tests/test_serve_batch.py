@@ -1,0 +1,101 @@
+"""`qasr serve --max-batch 4`: concurrent requests share the decoder's steps and each still gets
+the text `qasr transcribe` gives alone (real openai SDK, real uvicorn on loopback, tiny checkpoints).
+
+To make the overlap certain rather than a matter of timing, the worker is held (as a long realtime
+step would hold it) while the requests queue; released, it takes them all into one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed")
+openai = pytest.importorskip("openai", reason="the openai SDK (test extra) is not installed")
+import httpx2 as httpx  # noqa: E402  (the HTTP client the openai SDK ships with)
+
+from qasr.cli import main  # noqa: E402
+from qasr.serve.service import Options  # noqa: E402
+from serving import Blocker, RunningServer  # noqa: E402
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+FILES = [DATA / "en_16k_s16.wav", DATA / "de_22k.flac", DATA / "fr_48k.ogg", DATA / "zh_16k_f32_loud.wav"]
+TOKENS = 12
+
+
+def cli_text(bundle, path, *options) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["transcribe", str(path), "--model", str(bundle("tiny-untied")), "--max-new-tokens",
+                     str(TOKENS), *options]) == 0
+    return out.getvalue().rstrip("\n")
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    running = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime", max_new_tokens=TOKENS,
+                                    max_batch=4, max_queue=4))
+    yield running
+    running.stop()
+
+
+def batch_sizes(server) -> tuple[float, float]:
+    """(steps with more than one request, all steps) from the qasr_batch_size histogram."""
+    text = httpx.get(f"{server.url}/metrics").text
+    alone = float(re.search(r'^qasr_batch_size_bucket\{le="1\.0"\} (\S+)$', text, re.M).group(1))
+    count = float(re.search(r"^qasr_batch_size_count (\S+)$", text, re.M).group(1))
+    return count - alone, count
+
+
+def held_then_released(server, calls, queued=None):
+    """Run `calls` concurrently while the worker is held, so `queued` of them (all) wait, then release it."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        with Blocker(server):
+            futures = [pool.submit(call) for call in calls]
+            while server.service.admitted < 1 + (queued or len(calls)):
+                time.sleep(0.01)
+        return [f.result() for f in futures]
+
+
+def create(server, path, **options):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    with open(path, "rb") as f:
+        return client.audio.transcriptions.create(model="qasr", file=f, **options)
+
+
+def test_four_concurrent_files_share_steps_and_each_gets_its_cli_text(server, bundle):
+    expected = [cli_text(bundle, path) for path in FILES[:3]] + [cli_text(bundle, FILES[3], "--language", "Chinese")]
+    shared_before, _ = batch_sizes(server)
+
+    def streamed():  # the fourth streams its deltas while it shares the batch
+        return list(create(server, FILES[3], stream=True, language="zh"))
+
+    answers = held_then_released(server, [lambda p=p: create(server, p).text for p in FILES[:3]] + [streamed])
+    assert answers[:3] == expected[:3]
+    events = answers[3]
+    assert events[-1].type == "transcript.text.done" and events[-1].text == expected[3]
+    deltas = [e.delta for e in events[:-1]]
+    assert len(deltas) > 1 and "".join(deltas).strip() == events[-1].text
+    shared, steps = batch_sizes(server)
+    assert shared - shared_before >= 1, (shared, steps)  # at least one step decoded two or more requests
+    text = httpx.get(f"{server.url}/metrics").text
+    assert float(re.search(r'^qasr_batch_size_bucket\{le="3\.0"\} (\S+)$', text, re.M).group(1)) < steps  # all 4
+
+
+def test_a_bad_file_among_good_ones_gets_its_400_and_the_others_succeed(server, bundle):
+    good = [cli_text(bundle, path) for path in FILES[:3]]
+
+    def bad():
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.audio.transcriptions.create(model="qasr", file=("clip.wav", b"RIFF" + bytes(range(256)) * 8))
+        return caught.value.status_code, caught.value.body["param"]
+
+    answers = held_then_released(server, [lambda p=p: create(server, p).text for p in FILES[:3]] + [bad], queued=3)
+    assert answers == good + [(400, "file")]
+    assert server.service.admitted == 0
