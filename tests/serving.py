@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import socket
 import threading
 import time
@@ -77,3 +79,13 @@ class Blocker:
     def __exit__(self, *exc):
         self.release.set()
         self.future.result(10)
+
+
+def cli_text(*argv) -> str:
+    """What `qasr ARGV...` writes to stdout (it must succeed): the text the server must match."""
+    from qasr.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([str(a) for a in argv]) == 0
+    return out.getvalue()

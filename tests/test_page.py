@@ -6,8 +6,6 @@ recording path runs end to end: getUserMedia, the AudioWorklet, pcm16 over /v1/r
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 from pathlib import Path
@@ -17,9 +15,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (test extra) is not installed")
 
-from qasr.cli import main  # noqa: E402
 from qasr.serve.service import Options  # noqa: E402
-from serving import RunningServer  # noqa: E402
+from serving import RunningServer, cli_text  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 EN = DATA / "en_16k_s16.wav"
@@ -29,13 +26,6 @@ CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs Debian's chromium and chromium-driver (apt install chromium chromium-driver)")
 SCREENSHOT = os.environ.get("QASR_SCREENSHOT")  # where to save a picture of the page (docs/server.png)
-
-
-def cli_text(*argv) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main([str(a) for a in argv]) == 0
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ checkpoints give arbitrary but deterministic text, which is all a comparison nee
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 
 import pytest
@@ -16,20 +14,12 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed")
 openai = pytest.importorskip("openai", reason="the openai SDK (test extra) is not installed")
 import httpx2 as httpx  # noqa: E402  (the HTTP client the openai SDK ships with)
 
-from qasr.cli import main  # noqa: E402
 from qasr.serve.service import Options  # noqa: E402
-from serving import RunningServer  # noqa: E402
+from serving import RunningServer, cli_text  # noqa: E402
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 EN, DE, ZH = str(DATA / "en_16k_s16.wav"), str(DATA / "de_22k.flac"), str(DATA / "zh_16k_f32_loud.wav")
 TOKENS = 12
-
-
-def cli(*argv) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main([str(a) for a in argv]) == 0
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +49,19 @@ def transcribe(server, path, key="none", **options):
 
 @pytest.mark.parametrize("path", [EN, DE])
 def test_json_text_and_verbose_json_are_the_cli_text(server, bundle, path):
-    expected = cli("transcribe", path, "--model", bundle("tiny-untied"), "--max-new-tokens", TOKENS)
+    expected = cli_text("transcribe", path, "--model", bundle("tiny-untied"), "--max-new-tokens", TOKENS)
     assert transcribe(server, path).text + "\n" == expected
     assert transcribe(server, path, response_format="text") == expected
     verbose = transcribe(server, path, response_format="verbose_json")
     assert verbose.text + "\n" == expected
-    assert verbose.duration == pytest.approx(float(cli("transcribe", path, "--model", bundle("tiny-untied"),
+    assert verbose.duration == pytest.approx(float(cli_text("transcribe", path, "--model", bundle("tiny-untied"),
                                                        "--max-new-tokens", TOKENS, "--format", "json")
                                                    .split('"duration": ')[1].split(",")[0]))
     assert verbose.segments[0].text == verbose.text and verbose.words is None
 
 
 def test_language_code_and_prompt_are_the_cli_options(server, bundle):
-    expected = cli("transcribe", DE, "--model", bundle("tiny-untied"), "--max-new-tokens", TOKENS,
+    expected = cli_text("transcribe", DE, "--model", bundle("tiny-untied"), "--max-new-tokens", TOKENS,
                    "--language", "German", "--context", "Grüße aus Köln")
     for language in ("de", "German", "german"):
         got = transcribe(server, DE, language=language, prompt="Grüße aus Köln", response_format="text")
@@ -81,7 +71,7 @@ def test_language_code_and_prompt_are_the_cli_options(server, bundle):
 @pytest.mark.parametrize("language", [None, "zh"])
 def test_stream_sends_deltas_then_the_cli_text(server, bundle, language):
     forced = ("--language", "Chinese") if language else ()
-    expected = cli("transcribe", ZH, "--model", bundle("tiny-untied"), "--max-new-tokens", TOKENS, *forced)
+    expected = cli_text("transcribe", ZH, "--model", bundle("tiny-untied"), "--max-new-tokens", TOKENS, *forced)
     with open(ZH, "rb") as f:
         events = list(client(server).audio.transcriptions.create(model="qasr", file=f, stream=True,
                                                                  **({"language": language} if language else {})))
@@ -143,7 +133,7 @@ def test_the_key_is_required_on_the_api_but_not_on_health(aligned):
 def test_subtitles_and_word_times_are_the_cli_ones(aligned, bundle):
     model, aligner = bundle("tiny-untied"), bundle("tiny-aligner")
     for fmt in ("srt", "vtt"):
-        expected = cli("transcribe", EN, "--model", model, "--aligner", aligner, "--max-new-tokens", TOKENS,
+        expected = cli_text("transcribe", EN, "--model", model, "--aligner", aligner, "--max-new-tokens", TOKENS,
                        "--format", fmt)
         assert transcribe(aligned, EN, key="sekrit", response_format=fmt) == expected
     verbose = transcribe(aligned, EN, key="sekrit", response_format="verbose_json", timestamp_granularities=["word"])
