@@ -1,6 +1,6 @@
 """Batched decoding on the CPU: the numbers behind docs/benchmarks.md's "Batched decoding" section.
 
-    flock /tmp/qasr-heavy.lock python scripts/bench_batch.py [--threads 2] [--no-write]
+    python scripts/bench_batch.py [--threads 2] [--no-write]
 
 Full-size random Qwen3-ASR-0.6B (the checkpoint `qasr bench` prepares in ~/.cache/qasr-bench),
 exported with this qasr into ~/.cache/qasr-bench/batch-0.6b-bundle, fp32, ONNX Runtime:

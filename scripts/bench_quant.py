@@ -1,6 +1,6 @@
 """Quantized weights: the settings sweep, speed against fp32 and antirez/qwen-asr, and verify's accuracy.
 
-    flock /tmp/qasr-heavy.lock python scripts/bench_quant.py [--steps 24] [--repeats 2] [--sections sweep speed accuracy]
+    python scripts/bench_quant.py [--steps 24] [--repeats 2] [--sections sweep speed accuracy]
 
 On the full-size random Qwen3-ASR-0.6B of `qasr bench` (its cache, ~/.cache/qasr-bench), 2 threads,
 10 s and 60 s of real speech. Every measurement is a fresh process; the fp32 bundle and the pure-C
@@ -32,7 +32,7 @@ from qasr.bench import DEFAULT_CACHE, bytes_per_token, machine, measure_bandwidt
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- quant:begin -->", "<!-- quant:end -->"
-PEER_SOURCE = Path("/work/peers/qwen-asr")
+PEER_SOURCE = Path(__file__).resolve().parent.parent.parent / "qwen-asr"  # a checkout of antirez/qwen-asr beside this repo
 # name -> (decoder weights, encoder weights, prepacked)
 SYSTEMS = {"fp32": ("fp32", "fp32", False), "int8": ("int8", "fp32", False), "int4": ("int4", "fp32", False),
            "int4 + int8 encoder": ("int4", "int8", False), "int4 + int8 encoder, prepacked": ("int4", "int8", True)}
@@ -73,10 +73,10 @@ def main() -> int:
         _keep(work, "speed", speed_table(rows, bundles, bandwidth, args))
     if "accuracy" in args.sections:
         _keep(work, "accuracy", accuracy(bundles, args))
-    head = (f"## Quantized weights (int8, int4) on the CPU\n\n{datetime.date.today()}, `flock /tmp/qasr-heavy.lock "
+    head = (f"## Quantized weights (int8, int4) on the CPU\n\n{datetime.date.today()}, `"
             f"python scripts/bench_quant.py --steps {args.steps} --repeats {args.repeats} [--sections ...]` "
-            f"({args.threads} threads; the sections ran as separate locked runs, so that other jobs could take "
-            f"the lock between them)\n\n{machine()}. The machine was shared with other engineers' jobs while this "
+            f"({args.threads} threads; the sections ran as separate runs, so that other jobs could run "
+            f"between them)\n\n{machine()}. The machine was shared with other engineers' jobs while this "
             "ran; every figure is a ratio to peers measured in the same run.")
     text = "\n\n".join([head, *[(work / f"{name}.md").read_text() for name in SECTIONS if (work / f"{name}.md").is_file()]])
     print(text)

@@ -1,6 +1,6 @@
 """What `qasr serve` adds to a request: the server against the same pipeline called in-process.
 
-    flock /tmp/qasr-heavy.lock python scripts/bench_serve.py [BUNDLE] [--runs 5] [--clients 4]
+    python scripts/bench_serve.py [BUNDLE] [--runs 5] [--clients 4]
 
 The peer is `Transcriber.transcribe` in this process, which is what `qasr transcribe` runs; the
 server gets the same file through the official `openai` SDK over loopback, one request at a time

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Time `Transcriber.stream` against the naive official re-feed and antirez/qwen-asr --stream.
 
-    flock /tmp/qasr-heavy.lock python scripts/bench_stream.py BUNDLE CHECKPOINT [--seconds 300]
-        [--peer-seconds 120] [--peer /work/peers/qwen-asr/qwen_asr] [--no-write]
+    python scripts/bench_stream.py BUNDLE CHECKPOINT [--seconds 300]
+        [--peer-seconds 120] [--peer ../qwen-asr/qwen_asr] [--no-write]
 
 One process, one machine, the same speech (the tests/data English and Chinese clips in turn), 2
 threads everywhere, 2 s chunks, 12 new tokens forced every step (end-of-sequence ignored; a real
@@ -133,7 +133,8 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--seconds", type=float, default=300)
     parser.add_argument("--peer-seconds", type=float, default=120)
-    parser.add_argument("--peer", default="/work/peers/qwen-asr/qwen_asr")
+    parser.add_argument("--peer", default=str(ROOT.parent / "qwen-asr" / "qwen_asr"),
+                        help="antirez/qwen-asr built with `make blas` (default: a checkout beside this repo)")
     parser.add_argument("--naive-repeats", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--qasr-only", action="store_true",
@@ -153,7 +154,7 @@ def main() -> None:
     peer_steps, peer_rtf = run_peer(args.peer, args.checkpoint, wave[: int(args.peer_seconds * SAMPLE_RATE)])
     print("peer", cell(at_mark(peer_steps, 30)), cell(at_mark(peer_steps, 120)), peer_rtf, flush=True)
     minute = [s for t, s in steps if t <= 60], [s for t, s in steps if t > args.seconds - 60]
-    header = (f"## Streaming\n\n{datetime.date.today().isoformat()}, `flock /tmp/qasr-heavy.lock python "
+    header = (f"## Streaming\n\n{datetime.date.today().isoformat()}, `python "
               f"scripts/bench_stream.py {' '.join(sys.argv[1:])}`\n\n{machine()}; the machine was shared with "
               "other engineers' jobs while this ran.\n")
     rows = ["| system | " + " | ".join(f"step p50 / p95 s at {m} s (steps)" for m in marks)

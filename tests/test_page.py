@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (test extra) is not installed")
+from selenium import webdriver  # the test extra; the browser itself may be missing: skipped below
 
-from qasr.serve.service import Options  # noqa: E402
-from serving import RunningServer, cli_text  # noqa: E402
+from qasr.serve.service import Options
+from serving import RunningServer, cli_text
 
 DATA = Path(__file__).parent / "data"
 EN = DATA / "en_16k_s16.wav"

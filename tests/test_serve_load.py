@@ -13,12 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed")
-openai = pytest.importorskip("openai", reason="the openai SDK (test extra) is not installed")
-import httpx2 as httpx  # noqa: E402  (the HTTP client the openai SDK ships with)
+import openai  # the official SDK, a test dependency: the real client
+import httpx2 as httpx  # the HTTP client the openai SDK ships with
 
-from qasr.serve.service import Options, Service  # noqa: E402
-from serving import Blocker, RunningServer, free_port  # noqa: E402
+from qasr.serve.service import Options, Service
+from serving import Blocker, RunningServer, free_port
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 EN = DATA / "en_16k_s16.wav"
