@@ -256,18 +256,6 @@ def engines(gpu, bundle, tmp_path_factory):
     return get
 
 
-def teacher_forced(backend, prompt: list[int], embeds: np.ndarray, tokens: list[int]) -> list[np.ndarray]:
-    """Logits at every step when `backend` is fed the reference's ids instead of its own."""
-    backend.begin(len(prompt) + len(tokens))
-    backend.decode(np.array([prompt], dtype=np.int64), embeds[None], 0)
-    logits = [backend.logits().copy()]
-    filler = np.zeros((1, 1, embeds.shape[1]), dtype=np.float32)
-    for step, token in enumerate(tokens[:-1]):
-        backend.decode(np.array([[token]], dtype=np.int64), filler, len(prompt) + step)
-        logits.append(backend.logits().copy())
-    return logits
-
-
 def check_parity(candidate, reference: OnnxRuntimeBackend, speech, free_running: bool, tolerance: float) -> None:
     """Engine (or ORT on CUDA) against the fp32 graphs on the CPU, on real speech."""
     windows, frames, conv = split_windows(log_mel(speech(7.0)), 800)
@@ -278,7 +266,8 @@ def check_parity(candidate, reference: OnnxRuntimeBackend, speech, free_running:
     assert relative_error(candidate.project(join_windows(hidden, frames)), embeds) < tolerance
     prompt = PROMPT_HEAD + [AUDIO] * len(embeds) + PROMPT_TAIL
     expected = greedy_decode(reference, prompt, embeds, AUDIO, 24, (), keep_logits=True)
-    logits = teacher_forced(candidate, prompt, embeds, expected.tokens)
+    logits = greedy_decode(candidate, prompt, embeds, AUDIO, 24, (), keep_logits=True,
+                           forced=expected.tokens).logits  # teacher-forced along the reference's ids
     cosines = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(logits, expected.logits)]
     agree = np.mean([int(a.argmax()) == int(b.argmax()) for a, b in zip(logits, expected.logits)])
     assert min(cosines) >= 0.99 and agree >= 0.99, (min(cosines), agree)

@@ -54,20 +54,6 @@ class Backend(ABC):
     def step_logits(self) -> np.ndarray:
         """Logits [B, vocab] of the last position of each row of the last `prefill` or `step`."""
 
-    def begin(self, capacity: int) -> None:
-        """Prepare the cache for one request of at most `capacity` tokens, at row 0."""
-        self.reserve(capacity, keep=False)
-
-    def decode(self, input_ids: np.ndarray, audio_embeds: np.ndarray, position: int) -> int:
-        """Run ids [1, S] at `position` of the request `begin` prepared; return the greedy next id."""
-        if input_ids.shape[1] > 1:
-            return self.prefill(input_ids, audio_embeds, 0, position)
-        return int(self.step(input_ids[:, 0], np.zeros(1, dtype=np.int64), np.array([position]))[0])
-
-    def logits(self) -> np.ndarray:
-        """Logits [vocab] of the last position of the last `decode` call (for parity checks)."""
-        return self.step_logits()[0]
-
     @abstractmethod
     def align(self, input_ids: np.ndarray, audio_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Aligner pass: ids [1, S] -> (class ids [K], logits [K, classes]) at the timestamp slots."""

@@ -15,7 +15,7 @@ What each step costs is bounded instead of growing with the stream:
   of windows already cached: those windows are encoded again). Only the open window is encoded
   every step.
 - Decoder: the backend keeps the KV rows of the prompt up to the first audio row that changed
-  (Backend.begin's `keep`); the rest of the prompt is prefilled again.
+  (a Sequence's `keep`, honoured by the batch engine); the rest of the prompt is prefilled again.
 - Segments: an endless stream is cut into segments at the first pause once a segment is longer
   than `segment_seconds` (or at twice that, pause or not). A closed segment's text is committed,
   and the next segment starts afresh with the committed text's tail as its context, so memory
