@@ -1,9 +1,10 @@
 """Batched decoding on the CPU: the numbers behind docs/benchmarks.md's "Batched decoding" section.
 
-    python scripts/bench_batch.py [--threads 2] [--no-write]
+    python scripts/bench_batch.py [--bundle B ...] [--threads 2] [--no-write]
 
-Full-size random Qwen3-ASR-0.6B (the checkpoint `qasr bench` prepares in ~/.cache/qasr-bench),
-exported with this qasr into ~/.cache/qasr-bench/batch-0.6b-bundle, fp32, ONNX Runtime:
+Full-size random Qwen3-ASR-0.6B (the checkpoint and fp32 bundle `qasr bench` prepares in
+~/.cache/qasr-bench) and its int4 copy (int4 decoder, int8 encoder: `qasr export --weights int4
+--encoder-weights int8`, made there once), ONNX Runtime; for each bundle:
 
 1. decode throughput: tokens per second summed over the batch at batch 1, 2, 4 and 8, the rows
    prefilled with 10 s recordings first (each step reads their caches as a real batch does);
@@ -30,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path.home() / ".cache" / "qasr-bench"
 CHECKPOINT = CACHE / "qwen3-asr-0.6b"
-BUNDLE = CACHE / "batch-0.6b-bundle"
+BUNDLES = (CACHE / "qwen3-asr-0.6b-bundle", CACHE / "int4-0.6b-bundle")
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Batched decoding"
 RECORDINGS, SECONDS, TOKENS = 8, 10.0, 64
@@ -51,7 +52,10 @@ def recordings() -> list[np.ndarray]:
 
 
 def ensure_bundle(bundle: Path) -> None:
+    """The fp32 bundle from `qasr bench`'s random checkpoint, or (named int4-*) its int4 copy."""
+    from qasr.bench import prepare
     from qasr.errors import BundleError
+    from qasr.export.quantize import quantize_bundle
     from qasr.runtime.bundle import Bundle
 
     try:
@@ -59,11 +63,21 @@ def ensure_bundle(bundle: Path) -> None:
         return
     except BundleError:
         pass
-    if not (CHECKPOINT / "config.json").is_file():
-        sys.exit(f"bench_batch: {CHECKPOINT} is missing; run `qasr bench` once to prepare it")
-    from qasr.export.onnx_export import export_bundle
+    if not bundle.name.startswith("int4-"):
+        sys.exit(f"bench_batch: {bundle} is not a bundle")
+    _, fp32 = prepare("0.6b", CACHE)
+    quantize_bundle(fp32, bundle, "int4", "int8", progress=lambda line: print(f"  {line}", file=sys.stderr))
 
-    export_bundle(CHECKPOINT, bundle, progress=lambda line: print(f"  {line}", file=sys.stderr))
+
+def precision(bundle: Path) -> str:
+    """How the bundle's weights are stored, as `qasr export` names it."""
+    from qasr.runtime.bundle import Bundle
+
+    manifest = Bundle.load(bundle).manifest
+    weights = manifest.get("weights") or {}
+    if not weights:
+        return manifest["precision"]
+    return f"{manifest['precision']} decoder, int{weights['encoder']['bits']} encoder"
 
 
 def load(bundle: Path, threads: int):
@@ -154,16 +168,22 @@ def run_worker(bundle: Path, threads: int, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def report(bundle: Path, threads: int, decode: dict, alone: dict, batched: dict) -> str:
+def header(bundles: list[Path], threads: int) -> list[str]:
+    return [
+        SECTION, "",
+        f"`python scripts/bench_batch.py` (full-size random Qwen3-ASR-0.6B: "
+        f"{', '.join(f'{b.name} ({precision(b)})' for b in bundles)}; ONNX Runtime, {threads} threads, "
+        f"this shared 2-core machine, {time.strftime('%Y-%m-%d', time.gmtime())}). Random weights: speed and memory, "
+        "not accuracy.",
+    ]
+
+
+def report(bundle: Path, decode: dict, alone: dict, batched: dict) -> str:
     rates = decode["rates"]
     base = rates["1"]["tokens_per_s"]
     same = alone["ids"] == batched["ids"]
     lines = [
-        SECTION, "",
-        f"`python scripts/bench_batch.py` ({bundle.name}: full-size random Qwen3-ASR-0.6B unless named otherwise, fp32, "
-        f"ONNX Runtime, {threads} threads, "
-        f"this shared 2-core machine, {time.strftime('%Y-%m-%d', time.gmtime())}). Random weights: speed and memory, "
-        "not accuracy.", "",
+        f"### {precision(bundle)} ({bundle.name})", "",
         f"Decode steps, rows holding 10 s prompts ({decode['prompt_tokens']} tokens) and their own cache regions "
         f"(best of {REPEATS} sweeps of {STEPS} steps):", "",
         "| batch | step (ms) | tokens/s, summed | vs batch 1 |", "|---|---|---|---|",
@@ -181,13 +201,13 @@ def report(bundle: Path, threads: int, decode: dict, alone: dict, batched: dict)
         end_to_end_row("`transcribe_many(batch_size=8)`", batched),
         "", "Stages are summed over the recordings: in a batch, each recording's decode is the wall time of the "
         "steps it was in, shared with the others.",
-        "", f"Batched / one at a time: x{ratio:.2f} wall time (goal <= 0.5); ids {'identical' if same else 'DIFFERENT'}"
+        "", f"Batched / one at a time: x{ratio:.2f} wall time (goal <= 0.5); ids {'identical' if same else 'different'}"
         f" for all {RECORDINGS} recordings. At batch 8 decode throughput is x{rates['8']['tokens_per_s'] / base:.2f} "
         "that of batch 1 (goal >= 5).", "",
         bound_note(rates, alone, batched), "",
         *memory_note(batched["row_bytes"]),
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def bound_note(rates: dict, alone: dict, batched: dict) -> str:
@@ -219,7 +239,7 @@ def memory_note(row_bytes: int) -> list[str]:
     long, short = rows(1200), rows(SECONDS)
     shared, widest = (long + 7 * short) * row_bytes / 1e9, 8 * long * row_bytes / 1e9
     return [
-        f"Memory: a KV cache row is {row_bytes / 1024:.0f} KiB here (fp32). Each request owns a region of one shared "
+        f"Memory: a KV cache row is {row_bytes / 1024:.0f} KiB here (the cache is fp32 at every weight precision). Each request owns a region of one shared "
         "cache sized by its own prompt and budget (first fit, sizes rounded up to 64 rows), and the decoder masks "
         "every row outside it, so one 20-minute recording beside seven 10 s ones holds "
         f"{long} + 7 x {short} rows = {shared:.1f} GB, where rows of the batch's longest capacity would take "
@@ -243,26 +263,31 @@ def write(section: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bundle", type=Path, default=BUNDLE, help=f"an ASR bundle (default {BUNDLE}, exported "
-                        "from ~/.cache/qasr-bench/qwen3-asr-0.6b when missing)")
+    parser.add_argument("--bundle", type=Path, nargs="+", default=list(BUNDLES),
+                        help="ASR bundles (default: the fp32 one of `qasr bench` and its int4 copy, made when missing)")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, *rest = args.worker
-        result = worker_decode(args.bundle, args.threads) if kind == "decode" else \
-            worker_end_to_end(args.bundle, args.threads, int(rest[0]))
+        bundle = args.bundle[0]
+        result = worker_decode(bundle, args.threads) if kind == "decode" else \
+            worker_end_to_end(bundle, args.threads, int(rest[0]))
         print(json.dumps(result))
         return
-    ensure_bundle(args.bundle)
-    decode = run_worker(args.bundle, args.threads, "decode")
-    runs: dict[str, list[dict]] = {"1": [], "8": []}
-    for _ in range(REPEATS):
-        for size in runs:
-            runs[size].append(run_worker(args.bundle, args.threads, "end_to_end", size))
-    alone, batched = (min(runs[size], key=lambda run: run["seconds"]) for size in runs)
-    alone["all"], batched["all"] = ([run["seconds"] for run in runs[size]] for size in runs)
-    section = report(args.bundle, args.threads, decode, alone, batched)
+    parts = []
+    for bundle in args.bundle:
+        ensure_bundle(bundle)
+        decode = run_worker(bundle, args.threads, "decode")
+        runs: dict[str, list[dict]] = {"1": [], "8": []}
+        for _ in range(REPEATS):
+            for size in runs:
+                runs[size].append(run_worker(bundle, args.threads, "end_to_end", size))
+        alone, batched = (min(runs[size], key=lambda run: run["seconds"]) for size in runs)
+        alone["all"], batched["all"] = ([run["seconds"] for run in runs[size]] for size in runs)
+        parts.append(report(bundle, decode, alone, batched))
+        print(parts[-1], flush=True)
+    section = "\n".join(header(args.bundle, args.threads)) + "\n\n" + "\n\n".join(parts) + "\n"
     print(section)
     if not args.no_write:
         write(section)

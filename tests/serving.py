@@ -56,22 +56,28 @@ class RunningServer:
 
 
 class Blocker:
-    """Holds the one inference worker (and a place in the queue) until released, as a long request would."""
+    """Holds the one inference worker (and a place in the queue) until released, as a long request
+    would: work for the batch (as a stream's steps are) that waits for the release when it starts."""
 
     def __init__(self, server):
-        self.release = threading.Event()
+        self.release, holding = threading.Event(), threading.Event()
         service = server.service
 
-        async def hold():
+        def held():
+            holding.set()
+            self.release.wait()
+            return []
+            yield  # a generator: the worker starts it as it starts a stream's steps
+
+        async def request():
             service.admit()
             try:
-                await service.run(self.release.wait)
+                await service.stream(held())
             finally:
                 service.leave()
 
-        self.future = asyncio.run_coroutine_threadsafe(hold(), service.loop)
-        while server.service.worker.calling is None:
-            time.sleep(0.01)
+        self.future = asyncio.run_coroutine_threadsafe(request(), service.loop)
+        holding.wait(30)
 
     def __enter__(self):
         return self

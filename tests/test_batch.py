@@ -180,3 +180,65 @@ def test_a_request_the_cache_has_no_room_for_fails_alone(model, recordings):
     engine.add(second)
     assert engine.step() == [second] and "1024" in str(second.error)
     assert engine.run() == [first] and first.error is None and len(first.result.tokens) == 5
+
+
+def _tapped(steps, seen: list):
+    """Pass a stream's steps through, noting each decoder request."""
+    while True:
+        try:
+            sequence = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        seen.append(sequence)
+        yield sequence
+
+
+def test_streams_share_the_batch_and_keep_their_rows(model, recordings, speech):
+    """Two streams' steps beside file requests, in one batch: each stream gives the events it gives
+    alone, every step after its first reuses the cache rows its stream kept, and a file request
+    gets the ids it gets alone."""
+    from qasr.runtime.transcribe import Batcher
+
+    clips = [speech(7.0, start=0), speech(7.0, start=1)]
+
+    def texts(events):
+        return [(e.text, e.committed, e.final) for e in events]
+
+    alone = []
+    for clip in clips:
+        stream = model.stream(max_new_tokens=8)
+        alone.append(texts(stream.feed(clip) + stream.finish()))
+    files = [model.transcribe(path, max_new_tokens=8).token_ids for path in recordings[:2]]
+
+    batcher = Batcher(model, 4)
+    streams = [model.stream(max_new_tokens=8) for _ in clips]
+    seen: list[list] = [[], []]
+    jobs = [batcher.open_steps(_tapped(s.feed_steps(c), seen[i])) for i, (s, c) in enumerate(zip(streams, clips))]
+    uploads = [batcher.open(path, max_new_tokens=8) for path in recordings[:2]]
+    together = 0
+    while not batcher.idle:
+        owners = {id(s.owner) for s in batcher.engine.running if s.owner is not None}
+        together = max(together, len(owners))
+        batcher.step()
+    finals = [batcher.open_steps(_tapped(s.finish_steps(), seen[i])) for i, s in enumerate(streams)]
+    while not batcher.idle:
+        batcher.step()
+    assert together == 2  # the two streams' steps shared decode steps
+    assert [texts(job.result + final.result) for job, final in zip(jobs, finals)] == alone
+    assert [upload.result.token_ids for upload in uploads] == files
+    for requests in seen:
+        assert len(requests) == 4 and all(r.kept > 0 for r in requests[1:])
+    assert not batcher.engine.kept  # finished streams leave no rows behind
+
+
+def test_a_dropped_stream_s_rows_are_freed(model, speech):
+    """A stream abandoned without finish() holds its region only until it is collected."""
+    import gc
+
+    stream = model.stream(max_new_tokens=4)
+    stream.feed(speech(2.0))
+    assert len(model.engine.kept) == 1
+    del stream
+    gc.collect()
+    model.transcribe(speech(1.0), sample_rate=16000, max_new_tokens=2)
+    assert not model.engine.kept and not model.engine.regions.taken

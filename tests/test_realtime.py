@@ -146,7 +146,8 @@ class ScriptedStream:
     def __init__(self):
         self.samples, self.steps = 0, 0
 
-    def feed(self, samples, sample_rate=16000):
+    def feed_steps(self, samples, sample_rate=16000):
+        """As Stream.feed_steps, with no decoder requests: the events are its return value."""
         self.samples += len(samples)
         events = []
         while self.samples >= (self.steps + 1) * sample_rate // 2:
@@ -154,9 +155,11 @@ class ScriptedStream:
             shown = self.words[: self.steps]
             events.append(Step(" ".join(shown[:-1] + [shown[-1].upper()]), "", False))
         return events
+        yield
 
-    def finish(self):
+    def finish_steps(self):
         return [Step(" ".join(self.words[: self.steps]), " ".join(self.words[: self.steps]), True)]
+        yield
 
 
 def test_the_transport_sends_stable_text_then_the_final_one(server, monkeypatch):

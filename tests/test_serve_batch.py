@@ -1,8 +1,9 @@
 """`qasr serve --max-batch 4`: concurrent requests share the decoder's steps and each still gets
 the text `qasr transcribe` gives alone (real openai SDK, real uvicorn on loopback, tiny checkpoints).
 
-To make the overlap certain rather than a matter of timing, the worker is held (as a long realtime
-step would hold it) while the requests queue; released, it takes them all into one batch.
+To make the overlap certain rather than a matter of timing, the worker is held (by work that
+blocks it, as a slow step would) while the requests queue; released, it takes them all into one
+batch. Realtime sessions' steps join that batch too, beside file requests.
 """
 
 from __future__ import annotations
@@ -98,3 +99,56 @@ def test_a_bad_file_among_good_ones_gets_its_400_and_the_others_succeed(server, 
     answers = held_then_released(server, [lambda p=p: create(server, p).text for p in FILES[:3]] + [bad], queued=3)
     assert answers == good + [(400, "file")]
     assert server.service.admitted == 0
+
+
+def test_realtime_sessions_share_the_batch_with_a_file_and_each_gets_its_stream_text(server, bundle, speech):
+    """Two sessions' stream steps and a file request decode in the same steps, and each session's
+    transcript is what `Transcriber.stream()` gives alone for its audio."""
+    import base64
+
+    import numpy as np
+
+    from qasr.runtime.transcribe import Transcriber
+
+    clips = [np.round(speech(5.0, start=i) * 32767).astype("<i2") for i in range(2)]
+    model = Transcriber.load(bundle("tiny-untied"), backend="onnxruntime")
+    expected = []
+    for clip in clips:
+        stream = model.stream()
+        stream.feed(clip)
+        expected.append(stream.finish()[-1].text)
+    file_text = cli_text(bundle, FILES[0])
+    _, steps_before = batch_sizes(server)
+    three_before = _steps_up_to(server, 2.0)
+
+    def realtime(clip):
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        with client.realtime.connect(model="qasr") as conn:
+            assert conn.recv().type == "session.created"
+            conn.session.update(session={"type": "transcription", "audio": {"input": {
+                "format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}}})
+            assert conn.recv().type == "session.updated"
+            conn.input_audio_buffer.append(audio=base64.b64encode(clip.tobytes()).decode())
+            conn.input_audio_buffer.commit()
+            while (event := conn.recv()).type != "conversation.item.input_audio_transcription.completed":
+                assert event.type != "error", event
+            return event.transcript
+
+    with ThreadPoolExecutor(3) as pool:
+        with Blocker(server):
+            sessions = [pool.submit(realtime, clip) for clip in clips]
+            while server.service.worker.inbox.qsize() < 2:  # both sessions' first steps wait
+                time.sleep(0.01)
+            upload = pool.submit(lambda: create(server, FILES[0]).text)
+            while server.service.worker.inbox.qsize() < 3:
+                time.sleep(0.01)
+        assert [s.result() for s in sessions] == expected and all(expected)
+        assert upload.result() == file_text
+    _, steps = batch_sizes(server)
+    assert steps - steps_before - (_steps_up_to(server, 2.0) - three_before) >= 1  # a step held all three
+
+
+def _steps_up_to(server, size: float) -> float:
+    """Decode steps of at most `size` requests so far (the qasr_batch_size histogram's bucket)."""
+    text = httpx.get(f"{server.url}/metrics").text
+    return float(re.search(rf'^qasr_batch_size_bucket\{{le="{size}"\}} (\S+)$', text, re.M).group(1))

@@ -27,7 +27,7 @@ class Backend(ABC):
     def project(self, hidden: np.ndarray) -> np.ndarray:
         """Encoder states [N, d_model] -> audio embeddings [N, hidden]."""
 
-    owner: object | None = None  # the stream whose prompt the cache's rows from 0 hold (set by the batch engine)
+    holder: object | None = None  # the batch engine whose requests the cache's rows hold (it sets this)
 
     @property
     @abstractmethod

@@ -9,12 +9,21 @@ The KV cache is one block shared by the batch (docs/graphs.md): each request own
 sized by its own prompt and budget, placed first-fit among the regions of the others, so a long
 recording beside short ones does not make every row as long as the longest. The block grows when
 a request finds no room and is sized afresh when the batch is empty.
+
+A stream (a Sequence with an `owner`) keeps its region between its steps: its next step re-decodes
+a prompt that only grew or changed at its end, so the rows of the unchanged part are reused
+instead of prefilled again, whether the stream runs alone or beside other requests. One engine
+owns a backend's cache: an engine that finds another one used the backend since its own last
+step drops those kept regions.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
+from collections.abc import Generator
+from typing import TypeVar
 
 import numpy as np
 
@@ -48,6 +57,15 @@ class Regions:
         self.taken[start] = rows
         return start
 
+    def grow(self, start: int, rows: int) -> bool:
+        """Make the region at `start` at least `rows` long in place, if the rows past it are free."""
+        rows = max(-(-rows // ALIGN) * ALIGN, self.taken[start])
+        following = [begin for begin in self.taken if begin > start]
+        if following and min(following) < start + rows:
+            return False
+        self.taken[start] = rows
+        return True
+
     def release(self, start: int) -> None:
         del self.taken[start]
 
@@ -74,6 +92,7 @@ class BatchDecoder:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.starts: dict[int, int] = {}  # id(sequence) -> its region's first row
+        self.kept: dict[int, tuple[weakref.ref, int]] = {}  # id(owner) -> (owner, region) kept between its steps
         self.regions = Regions()
         self.rows = 0  # rows the backend's cache holds
 
@@ -88,6 +107,18 @@ class BatchDecoder:
     def active(self) -> int:
         """Requests waiting or running: what a caller keeping the batch full compares to max_batch."""
         return len(self.waiting) + len(self.running)
+
+    def release(self, owner: object) -> None:
+        """Free the region kept for `owner` (a stream that ended). A stream that is dropped without
+        ending is freed too, at the next admission after it is collected."""
+        kept = self.kept.pop(id(owner), None)
+        if kept is not None:
+            self.regions.release(kept[1])
+
+    def clear(self) -> None:
+        """Drop every request and kept region (after a failure in the middle of a step: nothing is known good)."""
+        self.waiting.clear()
+        self.running, self.starts, self.kept, self.regions = [], {}, {}, Regions()
 
     def cancel(self, sequence: Sequence, error: QasrError) -> Sequence:
         """Between steps: drop a request (its client left) with `error`; its rows are free at once."""
@@ -121,6 +152,7 @@ class BatchDecoder:
             try:
                 tokens = self.backend.step(ids, starts, positions)
             except QasrError as exc:  # nothing is known to be good about any row now
+                self._forget_kept()
                 return finished + [self._fail(s, exc) for s in self._drain()]
             logits = self.backend.step_logits() if any(s.keep_logits for s in batch) else None
             spent = time.perf_counter() - began
@@ -138,19 +170,19 @@ class BatchDecoder:
         if not joining:
             return []
         began = time.perf_counter()
-        fresh = not self.running  # then no region is taken: size the cache for the newcomers alone
+        if self.backend.holder is not self:  # another engine used the cache: nothing kept is there now
+            self._forget_kept()
+            self.backend.holder = self
+        self._forget_kept(dead_only=True)
+        fresh = not self.running and not self.kept  # no row is in use: size the cache for the newcomers alone
         for sequence in joining:
-            self.starts[id(sequence)] = self.regions.place(sequence.capacity)
-        stream = joining[0] if fresh and len(joining) == 1 and joining[0].owner is not None else None
-        reuse = stream is not None and self.backend.owner is stream.owner
+            self.starts[id(sequence)] = self._place(sequence)
         if fresh or self.regions.end > self.rows:
             try:
-                self._reserve(stream, reuse, fresh)
+                self.backend.reserve(self.regions.end, keep=not fresh)
+                self.rows = self.backend.reserved
             except QasrError as exc:  # no room for them (an engine's fixed cache): they fail, the batch goes on
                 return [self._fail(sequence, exc) for sequence in joining]
-        self.backend.owner = stream.owner if stream else None  # whose prompt row 0 on now holds
-        if stream and reuse:
-            stream.kept = stream.keep
         setup = time.perf_counter() - began
         finished = []
         for sequence in joining:
@@ -166,34 +198,65 @@ class BatchDecoder:
                 self.running.append(sequence)
         return finished
 
-    def _reserve(self, stream: Sequence | None, reuse: bool, fresh: bool) -> None:
-        """Size the cache for the regions. A stream alone keeps its rows and grows with headroom, so
-        its steps (each a little longer than the last) rarely copy the cache."""
-        rows = self.regions.end
-        if stream is None:
-            self.backend.reserve(rows, keep=not fresh)
-        elif self.backend.reserved < rows:
-            self.backend.reserve(rows + rows // 2, keep=reuse)
-        self.rows = self.backend.reserved
+    def _place(self, sequence: Sequence) -> int:
+        """The request's region. A stream's step goes back into the region its last step left, grown
+        in place where the rows past it are free, and reuses its rows [0, keep); elsewhere it
+        prefills in full. A stream's region has half again its size as headroom, since each step
+        is a little longer than the last."""
+        owner = sequence.owner
+        kept = self.kept.pop(id(owner), None) if owner is not None else None
+        if kept is not None:
+            if self.regions.grow(kept[1], sequence.capacity):
+                sequence.kept = sequence.keep
+                return kept[1]
+            self.regions.release(kept[1])
+        rows = sequence.capacity
+        return self.regions.place(rows + rows // 2 if owner is not None else rows)
 
     def _leave(self, sequence: Sequence) -> Sequence:
-        self.regions.release(self.starts.pop(id(sequence)))
+        start = self.starts.pop(id(sequence))
+        if sequence.owner is not None and sequence.error is None:
+            self.kept[id(sequence.owner)] = weakref.ref(sequence.owner), start
+        else:
+            self.regions.release(start)
         return sequence
 
     def _fail(self, sequence: Sequence, error: QasrError) -> Sequence:
         sequence.error, sequence.done = error, True
         return self._leave(sequence)
 
+    def _forget_kept(self, dead_only: bool = False) -> None:
+        """Free kept regions: all of them, or those of streams that were collected without ending."""
+        for key, (owner, start) in list(self.kept.items()):
+            if not dead_only or owner() is None:
+                del self.kept[key]
+                self.regions.release(start)
+
     def _drain(self) -> list[Sequence]:
         batch, self.running = self.running, []
         return batch
 
 
-def decode_alone(backend: Backend, sequence: Sequence, prefill_chunk: int = PREFILL_CHUNK) -> Decoded:
-    """One request on its own (a batch of one); raises the error the backend gave it."""
-    engine = BatchDecoder(backend, max_batch=1, prefill_chunk=prefill_chunk)
+Result = TypeVar("Result")
+
+
+def decode_alone(engine: BatchDecoder, sequence: Sequence) -> Decoded:
+    """One request on an engine with no other work (a batch of one); raises the error it met."""
     engine.add(sequence)
     engine.run()
     if sequence.error:
         raise sequence.error
     return sequence.result
+
+
+def run_steps(engine: BatchDecoder, steps: Generator[Sequence, None, Result]) -> Result:
+    """Drive work that yields decoder requests one at a time (a stream's steps) on an engine with
+    no other work; each request is decoded before the work resumes. Returns what the work returns."""
+    try:
+        sequence = next(steps)
+        while True:
+            engine.add(sequence)
+            engine.run()
+            sequence = next(steps)
+    except StopIteration as stop:
+        return stop.value

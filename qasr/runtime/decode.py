@@ -46,9 +46,9 @@ class Sequence:
     `prefill` runs the prompt into the request's cache region and takes the first id; each decode
     step then feeds `token` at `position` and hands the next id to `accept`, until `done`.
 
-    `owner` and `keep`: a stream re-decodes a prompt that grows at its end. When the same owner
-    made the backend's last request and this one runs alone, the cache rows [0, keep) still hold
-    its unchanged prompt prefix, and only the rest is prefilled (the engine decides: `kept`).
+    `owner` and `keep`: a stream re-decodes a prompt that grows at its end. The engine keeps the
+    owner's cache region between its requests, so rows [0, keep) of it still hold the unchanged
+    prompt prefix and only the rest is prefilled (the engine decides: `kept`).
     `forced`: teacher forcing (`qasr verify`): these ids are fed instead of the greedy choices,
     one step each, end-of-sequence ids included; `tokens` are still what the model chose.
     """
@@ -102,15 +102,11 @@ class Sequence:
 def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray, audio_token: int,
                   budget: int, eos_ids: tuple[int, ...], keep_logits: bool = False,
                   on_token: Callable[[int], None] | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                  keep: int = 0, owner: object | None = None, forced: list[int] | None = None) -> Decoded:
-    """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order.
+                  forced: list[int] | None = None) -> Decoded:
+    """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order,
+    on an engine of its own. `forced` (teacher forcing, for `qasr verify`): feed these ids instead
+    of the greedy choices."""
+    from qasr.runtime.batch import BatchDecoder, decode_alone  # the engine builds on this module
 
-    `keep`, `owner`: a stream's step, whose prompt[:keep] is unchanged since `owner`'s last call;
-    the backend's cache keeps those rows and only the rest is prefilled (see Sequence).
-    `forced` (teacher forcing, for `qasr verify`): feed these ids instead of the greedy choices.
-    """
-    from qasr.runtime.batch import decode_alone  # the engine builds on this module
-
-    sequence = Sequence(prompt, audio_embeds, audio_token, budget, eos_ids, keep_logits, on_token,
-                        keep=keep, owner=owner, forced=forced)
-    return decode_alone(backend, sequence, prefill_chunk)
+    sequence = Sequence(prompt, audio_embeds, audio_token, budget, eos_ids, keep_logits, on_token, forced=forced)
+    return decode_alone(BatchDecoder(backend, max_batch=1, prefill_chunk=prefill_chunk), sequence)

@@ -14,8 +14,10 @@ What each step costs is bounded instead of growing with the stream:
   clamp floor leaves its bins alone (a louder frame later raises the floor under the quiet bins
   of windows already cached: those windows are encoded again). Only the open window is encoded
   every step.
-- Decoder: the backend keeps the KV rows of the prompt up to the first audio row that changed
-  (a Sequence's `keep`, honoured by the batch engine); the rest of the prompt is prefilled again.
+- Decoder: the batch engine keeps the stream's KV rows between steps, and a step reuses those of
+  the prompt up to the first audio row that changed (a Sequence's `keep`); the rest of the prompt
+  is prefilled again. A step is one request to the engine, so in the server the steps of many
+  streams, and of file requests, share each decode step (`feed_steps`).
 - Segments: an endless stream is cut into segments at the first pause once a segment is longer
   than `segment_seconds` (or at twice that, pause or not). A closed segment's text is committed,
   and the next segment starts afresh with the committed text's tail as its context, so memory
@@ -29,6 +31,7 @@ and no extra compute beside the encoder's.
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +39,8 @@ import numpy as np
 from qasr.errors import AudioError, UsageError
 from qasr.kernels.fbank import HOP_LENGTH, N_FFT, LogMelStream, clamp_and_scale, log10_mel_batch
 from qasr.runtime.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
-from qasr.runtime.decode import greedy_decode
+from qasr.runtime.batch import run_steps
+from qasr.runtime.decode import Sequence
 from qasr.runtime.embed import add_time, embed_audio, embed_features
 from qasr.runtime.prompt import AUDIO_PAD, asr_prompt, check_language, expand_audio, merge_languages, parse_output
 from qasr.runtime.windows import token_count
@@ -205,6 +209,9 @@ class _Options:
     timings: dict = field(default_factory=dict)
 
 
+Steps = Generator[Sequence, None, list[StreamEvent]]
+
+
 class Stream:
     """One live audio stream. feed() audio as it comes; finish() at its end.
 
@@ -256,28 +263,42 @@ class Stream:
 
     def feed(self, samples, sample_rate: int = SAMPLE_RATE) -> list[StreamEvent]:
         """Buffer `samples` (float in [-1, 1], or int16); run one step per full chunk."""
-        if self.finished:
-            raise UsageError("this stream is finished; start a new one")
+        return run_steps(self.model.engine, self.feed_steps(samples, sample_rate))
+
+    def finish(self) -> list[StreamEvent]:
+        """Flush the tail (shorter than a chunk) and end the stream; the last event has final=True."""
+        return run_steps(self.model.engine, self.finish_steps())
+
+    def feed_steps(self, samples, sample_rate: int = SAMPLE_RATE) -> Steps:
+        """feed() as work for the model's batch engine, beside other requests (the server's): it
+        yields each step's decoder request, to be decoded before it resumes, and returns the events."""
+        self._check_open()
         self.buffer = np.concatenate([self.buffer, self._resample(self._samples(samples), sample_rate, last=False)])
         events = []
         while len(self.buffer) >= self.options.chunk_samples:
             chunk, self.buffer = np.split(self.buffer, [self.options.chunk_samples])
-            events.append(self._step(chunk, final=False))
+            events.append((yield from self._step(chunk, final=False)))
         return events
 
-    def finish(self) -> list[StreamEvent]:
-        """Flush the tail (shorter than a chunk) and end the stream; the last event has final=True."""
-        if self.finished:
-            raise UsageError("this stream is finished; start a new one")
+    def finish_steps(self) -> Steps:
+        """finish() as work for the model's batch engine (see feed_steps)."""
+        self._check_open()
         if self._resampler is not None:
             self.buffer = np.concatenate([self.buffer, self._resample(np.empty(0, np.float32), self._input_rate,
                                                                       last=True)])
         self.finished = True
         if len(self.buffer) == 0:  # as the official flush: nothing left, the last step's result stands
             self.closed.append((self.segment.language, self.segment.text))
-            return [self._event(final=True, seconds=0.0)]
-        tail, self.buffer = self.buffer, np.empty(0, dtype=np.float32)
-        return [self._step(tail, final=True)]
+            event = self._event(final=True, seconds=0.0)
+        else:
+            tail, self.buffer = self.buffer, np.empty(0, dtype=np.float32)
+            event = yield from self._step(tail, final=True)
+        self.model.engine.release(self)
+        return [event]
+
+    def _check_open(self) -> None:
+        if self.finished:
+            raise UsageError("this stream is finished; start a new one")
 
     def _samples(self, samples) -> np.ndarray:
         x = np.asarray(samples)
@@ -309,7 +330,7 @@ class Stream:
         context = "\n".join(part for part in (self.options.context, tail) if part)
         return _Segment(self.model.backend, self.model.window_frames, context, offset)
 
-    def _step(self, chunk: np.ndarray, final: bool) -> StreamEvent:
+    def _step(self, chunk: np.ndarray, final: bool) -> Generator[Sequence, None, StreamEvent]:
         start = time.perf_counter()
         segment = self.segment
         segment.append(chunk)
@@ -317,7 +338,7 @@ class Stream:
         n = len(segment.audio.samples)
         cut = self._cut_point(segment) if not final else None
         if n >= HOP_LENGTH or not segment.offset:  # a last segment of a few carried samples holds no words
-            self._decode(segment, cut or n, final=final or cut is not None)
+            yield from self._decode(segment, cut or n, final=final or cut is not None)
         if cut is not None:
             self.closed.append((segment.language, segment.text))
             carry = segment.audio.samples[cut:]
@@ -338,8 +359,8 @@ class Stream:
             return pause
         return n if n >= 2 * limit else None
 
-    def _decode(self, segment: _Segment, n: int, final: bool) -> None:
-        """One step of the official policy on the segment's first n samples."""
+    def _decode(self, segment: _Segment, n: int, final: bool) -> Generator[Sequence, None, None]:
+        """One step of the official policy on the segment's first n samples (yields its decoder request)."""
         options, model = self.options, self.model
         prefix = ""
         if segment.chunk_id >= options.unfixed_chunks:
@@ -352,13 +373,14 @@ class Stream:
         ids = model.tokenizer.encode(asr_prompt(segment.context, options.language) + prefix)
         prompt = expand_audio(ids, self.pad_id, len(embeds))
         keep = min(prompt.index(self.pad_id) + changed, _common_prefix(prompt, segment.prompt))
-        began = time.perf_counter()
-        decoded = greedy_decode(model.backend, prompt, embeds, model.audio_token, options.max_new_tokens,
-                                model.eos_ids, keep=keep, owner=self if options.incremental else None)
-        add_time(options.timings, "setup", decoded.setup_seconds)
-        add_time(options.timings, "prefill", decoded.prefill_seconds)
-        add_time(options.timings, "decode",
-                 time.perf_counter() - began - decoded.setup_seconds - decoded.prefill_seconds)
+        sequence = Sequence(prompt, embeds, model.audio_token, options.max_new_tokens, model.eos_ids,
+                            keep=keep, owner=self if options.incremental else None)
+        yield sequence
+        if sequence.error:
+            raise sequence.error
+        decoded = sequence.result
+        for stage in ("setup", "prefill", "decode"):
+            add_time(options.timings, stage, getattr(decoded, f"{stage}_seconds"))
         segment.prompt = prompt
         segment.raw = prefix + model.tokenizer.decode(decoded.tokens)
         segment.language, segment.text = parse_output(segment.raw, options.language)

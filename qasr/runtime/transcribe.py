@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,7 @@ class Transcriber:
         self.audio_token = int(bundle.tokens["audio"])
         self.eos_ids = tuple(bundle.tokens["eos"])
         self.window_frames = int(bundle.manifest["audio"]["window_frames"])
+        self._engine: BatchDecoder | None = None
 
     @classmethod
     def load(cls, model: str | Path = DEFAULT_MODEL, backend: str = "auto", threads: int | None = None,
@@ -66,6 +67,14 @@ class Transcriber:
     @property
     def languages(self) -> list[str]:
         return self.bundle.languages
+
+    @property
+    def engine(self) -> BatchDecoder:
+        """The batch engine that drives the backend for everything this model decodes, so a stream's
+        cache rows survive between its steps, beside a batch of other requests or not."""
+        if self._engine is None or self._engine.backend is not self.backend:
+            self._engine = BatchDecoder(self.backend, max_batch=1)
+        return self._engine
 
     def encode(self, audio, sample_rate: int | None = None) -> np.ndarray:
         """Audio embeddings [N, hidden] that replace the <|audio_pad|> rows of the prompt."""
@@ -90,7 +99,7 @@ class Transcriber:
             sequence = self._sequence(job, index, context, max_new_tokens)
             with (_Progress(self.tokenizer, sequence.budget, on_token) if progress else nullcontext()) as bar:
                 sequence.on_token = bar.update if bar else on_token
-                job.decoded[index] = decode_alone(self.backend, sequence)
+                job.decoded[index] = decode_alone(self.engine, sequence)
         return self._finish(job, aligner)
 
     def transcribe_many(self, audios: Iterable, batch_size: int = 1,
@@ -199,20 +208,24 @@ class Transcriber:
 
 
 class Batcher:
-    """Keeps one BatchDecoder full from whole recordings, for `transcribe_many` and the server.
+    """Keeps one BatchDecoder full, for `transcribe_many` and the server: from whole recordings,
+    and from streams' steps.
 
     A recording is opened (read, cut into parts) by `open`; its parts are encoded and join the
     engine as rows free up; when its last part ends it is finished (parsed, aligned, joined) at
-    once, so a short request beside long ones is answered as soon as it is done. One thread
-    drives a Batcher (the backend is not thread-safe); the server adds requests between steps.
+    once, so a short request beside long ones is answered as soon as it is done. A stream's steps
+    (`open_steps`) join the engine one at a time, each as the one before it ends, so streams and
+    recordings whose steps coincide share them. One thread drives a Batcher (the backend is not
+    thread-safe); the server adds work between steps.
     """
 
     def __init__(self, model: Transcriber, max_batch: int):
         self.model = model
-        self.engine = BatchDecoder(model.backend, max_batch)
+        self.engine = model.engine
+        self.engine.max_batch = max_batch
         self.parts: deque[tuple[_Job, int]] = deque()  # parts of opened recordings not yet in the engine
-        self.owners: dict[int, tuple[_Job, int, Sequence]] = {}  # id(sequence) -> recording, part, itself
-        self.jobs: list[_Job] = []  # opened and not yet finished
+        self.owners: dict[int, tuple[_Job | _Steps, int, Sequence]] = {}  # id(sequence) -> its work, part, itself
+        self.jobs: list[_Job | _Steps] = []  # opened and not yet finished
 
     @property
     def idle(self) -> bool:
@@ -227,6 +240,14 @@ class Batcher:
             context, max_new_tokens, aligner, on_token, gone)
         self.parts.extend((job, index) for index in range(len(job.parts)))
         self.jobs.append(job)
+        return job
+
+    def open_steps(self, steps: Generator[Sequence, None, object], gone: Callable[[], bool] | None = None) -> _Steps:
+        """Take work that yields decoder requests one at a time (Stream.feed_steps or finish_steps);
+        its `result` is what the work returns, or the error it raised."""
+        job = _Steps(steps, gone)
+        self.jobs.append(job)
+        self._advance(job)
         return job
 
     def fill(self) -> bool:
@@ -246,9 +267,9 @@ class Batcher:
             self.engine.add(sequence)
         return self.engine.active < self.engine.max_batch
 
-    def step(self) -> list[_Job]:
-        """Fill free rows, drop recordings whose client left, one decode step; the recordings finished
-        here, each with its `result` (a Transcript or the error it met)."""
+    def step(self) -> list[_Job | _Steps]:
+        """Fill free rows, drop work whose client left, one decode step; the work finished here,
+        each with its `result` (a Transcript, a stream's events, or the error it met)."""
         self.fill()
         for job, _, sequence in list(self.owners.values()):
             if job.gone and job.gone():
@@ -258,14 +279,41 @@ class Batcher:
         done = [job for job in self.jobs if job.complete]
         for job in done:
             self.jobs.remove(job)
-            job.result = job.error or self.model._finish_or_fail(job, job.aligner)
+            if isinstance(job, _Job):
+                job.result = job.error or self.model._finish_or_fail(job, job.aligner)
         return done
 
     def _retire(self, sequence: Sequence) -> None:
         job, index, _ = self.owners.pop(id(sequence))
+        if isinstance(job, _Steps):
+            self._advance(job)
+            return
         job.running -= 1
         job.error = job.error or sequence.error
         job.decoded[index] = sequence.result
+
+    def _advance(self, job: _Steps) -> None:
+        """Resume the work (its last request is decoded) up to its next request, or its end."""
+        try:
+            sequence = next(job.steps)
+        except StopIteration as stop:
+            job.result, job.complete = stop.value, True
+            return
+        except QasrError as exc:
+            job.result, job.complete = exc, True
+            return
+        self.owners[id(sequence)] = job, -1, sequence
+        self.engine.add(sequence)
+
+
+@dataclass
+class _Steps:
+    """A stream's steps on their way through the batch."""
+
+    steps: Generator[Sequence, None, object]
+    gone: Callable[[], bool] | None = None
+    result: object = None
+    complete: bool = False
 
 
 _END = object()

@@ -3,8 +3,8 @@
 Client events: session.update, input_audio_buffer.append (base64 pcm16), .commit, .clear.
 Server events: session.created, session.updated, input_audio_buffer.committed / .cleared /
 .speech_started / .speech_stopped, conversation.item.input_audio_transcription.delta and
-.completed, error. Each item (a turn) is one `Transcriber.stream()`; its steps run on the
-server's one inference worker, like file requests.
+.completed, error. Each item (a turn) is one `Transcriber.stream()`; its steps join the
+server's continuous batch, beside file requests and other sessions' steps.
 
 OpenAI's deltas only ever append, while a streaming hypothesis may still revise its last words.
 So a delta carries text once it is stable: the engine's committed text, or text that two
@@ -249,12 +249,12 @@ class Session:
     async def feed(self, samples: np.ndarray) -> None:
         item = self.start_item()
         item.seconds += len(samples) / self.config.rate
-        events = await self.step(lambda: item.stream.feed(samples, sample_rate=self.config.rate))
+        events = await self.step(item.stream.feed_steps(samples, sample_rate=self.config.rate))
         await self.deltas(item, events)
 
-    async def step(self, work):
+    async def step(self, steps):
         try:
-            events, _ = await self.service.run(work)
+            events = await self.service.stream(steps)
         except QasrError as exc:
             raise ClientError(str(exc), "invalid_value", "audio") from None
         return events
@@ -271,7 +271,7 @@ class Session:
         await self.send({"type": "input_audio_buffer.committed", "item_id": item.id,
                          "previous_item_id": self.previous_item})
         self.previous_item = item.id
-        events = await self.step(item.stream.finish)
+        events = await self.step(item.stream.finish_steps())
         await self.deltas(item, events)
         await self.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item.id,
                          "content_index": 0, "transcript": events[-1].text,

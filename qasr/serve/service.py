@@ -7,7 +7,8 @@ batch at the next decode step, up to --max-batch at a time, and leaves at its en
 concurrent requests share each step's read of the weights. Requests past those rows wait in a
 queue bounded by --max-queue; past it they are refused at once (429) rather than piling up
 memory, and a client that leaves is dropped (before any work is spent on it when still queued).
-Other work on the model (realtime sessions' steps) runs on the same thread between batches.
+Realtime sessions' steps join the same batch (each step one request, as its stream's previous
+step ends), so streams and file requests whose steps coincide share them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,14 +107,14 @@ class Metrics:
 @dataclass
 class Work:
     """A request for the worker: a transcription (`audio` and Batcher.open's `options`) or, with
-    `call`, any other work on the model, run when the batch is empty. `state` moves queued ->
-    running or dropped under `lock`, so a client that leaves is either dropped unstarted or
-    cancelled between steps, never both."""
+    `steps`, a stream's steps (Stream.feed_steps / finish_steps). `state` moves queued -> running
+    or dropped under `lock`, so a client that leaves is either dropped unstarted or cancelled
+    between steps, never both."""
 
     audio: object = None
     options: dict = field(default_factory=dict)
     on_token: Callable[[int], None] | None = None
-    call: Callable[[], object] | None = None
+    steps: Generator | None = None
     future: Future = field(default_factory=Future)
     state: str = "queued"
     gone: bool = False  # the client left (the worker drops its rows at the next step)
@@ -139,8 +140,7 @@ class Work:
 
 
 class Worker:
-    """The one thread that drives the backend: a continuous batch of transcriptions, and other
-    calls (realtime steps) run alone between batches, in the order they came."""
+    """The one thread that drives the backend: a continuous batch of transcriptions and streams' steps."""
 
     def __init__(self, model: Transcriber, max_batch: int, metrics: Metrics):
         from qasr.runtime.transcribe import Batcher
@@ -149,7 +149,6 @@ class Worker:
         self.model, self.max_batch, self.metrics = model, max_batch, metrics
         self.batcher = Batcher(model, max_batch)
         self.waiting: dict[int, Work] = {}  # id(job) -> the work it answers
-        self.calling: Work | None = None    # the call on the model now
         threading.Thread(target=self._loop, name="qasr-infer", daemon=True).start()
 
     def submit(self, work: Work) -> Work:
@@ -157,31 +156,27 @@ class Worker:
         return work
 
     def _loop(self) -> None:
-        held = None  # a call waiting for the batch to empty
         while True:
-            if held is None:
-                held = self._take(block=self.batcher.idle)
-            if held is not None and self.batcher.idle:
-                self._call(held)
-                held = None
-            elif not self.batcher.idle:
+            self._take(block=self.batcher.idle)
+            if not self.batcher.idle:
                 self._step()
 
-    def _take(self, block: bool) -> Work | None:
-        """Open queued transcriptions into free rows; a call is handed back, to run once the batch is empty."""
+    def _take(self, block: bool) -> None:
+        """Open queued work into free rows: transcriptions and streams' steps alike, in the order they came."""
         while self.batcher.fill():
             try:
                 work = self.inbox.get(block=block)
             except queue.Empty:
-                return None
+                return
             block = False
             if not work.start():
                 continue  # its client left while it was queued
-            if work.call is not None:
-                return work
-            job = self.batcher.open(work.audio, on_token=work.on_token, gone=lambda w=work: w.gone, **work.options)
+            gone = lambda w=work: w.gone  # noqa: E731
+            if work.steps is not None:
+                job = self.batcher.open_steps(work.steps, gone=gone)
+            else:
+                job = self.batcher.open(work.audio, on_token=work.on_token, gone=gone, **work.options)
             self.waiting[id(job)] = work
-        return None
 
     def _step(self) -> None:
         self.metrics.batch_size.observe(self.batcher.engine.active)
@@ -192,6 +187,7 @@ class Worker:
             for work in self.waiting.values():
                 work.future.set_exception(exc)
             self.waiting.clear()
+            self.batcher.engine.clear()
             self.batcher = type(self.batcher)(self.model, self.max_batch)
             return
         for job in finished:
@@ -202,16 +198,6 @@ class Worker:
                 work.future.set_exception(job.result)
             else:
                 work.future.set_result(job.result)
-
-    def _call(self, work: Work) -> None:
-        self.calling = work
-        try:
-            work.future.set_result(work.call())  # type: ignore[misc]
-        except BaseException as exc:
-            work.future.set_exception(exc)
-        finally:
-            self.calling = None
-
 
 class Service:
     """Loads the model in the background (so /health can say "loading"), then runs requests on it."""
@@ -292,15 +278,14 @@ class Service:
         """Queue a recording for the batch (Batcher.open's options); `wait` for its Transcript."""
         return self.worker.submit(Work(audio, options, on_token))
 
-    async def run(self, work: Callable[[], object], gone=None):
-        """Run `work()` on the worker, alone, once the batch before it is done: (result, seconds waited)."""
-        queued = self.worker.submit(Work(call=work))
-        return await self.wait(queued, gone), queued.queued
+    async def stream(self, steps: Generator, gone=None):
+        """Run a stream's steps (Stream.feed_steps / finish_steps) in the batch: their events."""
+        return await self.wait(self.worker.submit(Work(steps=steps)), gone)
 
     async def wait(self, work: Work, gone=None):
         """The work's result; `gone()` (async) says the client left. A client that leaves while queued
-        is dropped without its work ever starting; a transcription already in the batch is cancelled
-        at the next step (a call, once started, runs to its end). Either way: Disconnected."""
+        is dropped without its work ever starting; work already in the batch is cancelled at the
+        next step. Either way: Disconnected."""
         answer = asyncio.wrap_future(work.future)
         try:
             while not (await asyncio.wait({answer}, timeout=0.2))[0]:
