@@ -64,13 +64,15 @@ class Server:
     """`qasr serve` in a subprocess on a free loopback port, ready (every graph loaded) on entry."""
 
     def __init__(self, bundle: str, tokens: int, max_queue: int, max_batch: int = 8):
+        port = free_port()
         self.argv = [sys.executable, "-m", "qasr", "serve", "--model", bundle, "--backend", "onnxruntime",
-                     "--port", str(free_port()), "--threads", "2", "--max-new-tokens", str(tokens), "--max-queue", str(max_queue),
-                     "--max-batch", str(max_batch)]
-        self.url = f"http://127.0.0.1:{self.argv[self.argv.index('--port') + 1]}"
+                     "--port", str(port), "--threads", "2", "--max-new-tokens", str(tokens),
+                     "--max-queue", str(max_queue), "--max-batch", str(max_batch)]
+        self.url = f"http://127.0.0.1:{port}"
 
     def __enter__(self) -> Server:
         import httpx2
+        import openai
 
         self.proc = subprocess.Popen(self.argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.DEVNULL)
         started = time.perf_counter()
@@ -84,16 +86,14 @@ class Server:
                 raise SystemExit("the server exited while loading")
             time.sleep(0.2)
         self.ready = time.perf_counter() - started
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=900)
         return self
 
     def transcribe(self, audio: Path) -> tuple[str, float]:
-        """(text, seconds) of one request through the openai SDK."""
-        import openai
-
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=900)
+        """(text, seconds) of one request through the openai SDK (one client for all, thread-safe)."""
         begin = time.perf_counter()
         with open(audio, "rb") as f:
-            text = client.audio.transcriptions.create(model="qasr", file=f).text
+            text = self.client.audio.transcriptions.create(model="qasr", file=f).text
         return text, time.perf_counter() - begin
 
     def peak_gb(self) -> float:

@@ -44,12 +44,17 @@ def server(bundle):
     running.stop()
 
 
-def batch_sizes(server) -> tuple[float, float]:
-    """(steps with more than one request, all steps) from the qasr_batch_size histogram."""
+def batch_steps(server, up_to: float | None = None) -> float:
+    """Decode steps so far, from the qasr_batch_size histogram: all, or those of at most `up_to` requests."""
     text = httpx.get(f"{server.url}/metrics").text
-    alone = float(re.search(r'^qasr_batch_size_bucket\{le="1\.0"\} (\S+)$', text, re.M).group(1))
-    count = float(re.search(r"^qasr_batch_size_count (\S+)$", text, re.M).group(1))
-    return count - alone, count
+    series = f'qasr_batch_size_bucket{{le="{up_to}"}}' if up_to else "qasr_batch_size_count"
+    return float(re.search(rf"^{re.escape(series)} (\S+)$", text, re.M).group(1))
+
+
+def batch_sizes(server) -> tuple[float, float]:
+    """(steps with more than one request, all steps)."""
+    count = batch_steps(server)
+    return count - batch_steps(server, 1.0), count
 
 
 def held_then_released(server, calls, queued=None):
@@ -83,8 +88,7 @@ def test_four_concurrent_files_share_steps_and_each_gets_its_cli_text(server, bu
     assert len(deltas) > 1 and "".join(deltas).strip() == events[-1].text
     shared, steps = batch_sizes(server)
     assert shared - shared_before >= 1, (shared, steps)  # at least one step decoded two or more requests
-    text = httpx.get(f"{server.url}/metrics").text
-    assert float(re.search(r'^qasr_batch_size_bucket\{le="3\.0"\} (\S+)$', text, re.M).group(1)) < steps  # all 4
+    assert batch_steps(server, 3.0) < steps  # all 4
 
 
 def test_a_bad_file_among_good_ones_gets_its_400_and_the_others_succeed(server, bundle):
@@ -118,8 +122,7 @@ def test_realtime_sessions_share_the_batch_with_a_file_and_each_gets_its_stream_
         stream.feed(clip)
         expected.append(stream.finish()[-1].text)
     file_text = cli_text(bundle, FILES[0])
-    _, steps_before = batch_sizes(server)
-    three_before = _steps_up_to(server, 2.0)
+    steps_before, small_before = batch_steps(server), batch_steps(server, 2.0)
 
     def realtime(clip):
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
@@ -144,11 +147,5 @@ def test_realtime_sessions_share_the_batch_with_a_file_and_each_gets_its_stream_
                 time.sleep(0.01)
         assert [s.result() for s in sessions] == expected and all(expected)
         assert upload.result() == file_text
-    _, steps = batch_sizes(server)
-    assert steps - steps_before - (_steps_up_to(server, 2.0) - three_before) >= 1  # a step held all three
-
-
-def _steps_up_to(server, size: float) -> float:
-    """Decode steps of at most `size` requests so far (the qasr_batch_size histogram's bucket)."""
-    text = httpx.get(f"{server.url}/metrics").text
-    return float(re.search(rf'^qasr_batch_size_bucket\{{le="{size}"\}} (\S+)$', text, re.M).group(1))
+    held_three = (batch_steps(server) - steps_before) - (batch_steps(server, 2.0) - small_before)
+    assert held_three >= 1  # a step held all three

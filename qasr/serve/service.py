@@ -199,6 +199,7 @@ class Worker:
             else:
                 work.future.set_result(job.result)
 
+
 class Service:
     """Loads the model in the background (so /health can say "loading"), then runs requests on it."""
 
