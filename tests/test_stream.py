@@ -22,7 +22,7 @@ import pytest
 
 from oracle import load_official, relative_error, windowed_encoder
 from qasr.errors import AudioError, UsageError
-from qasr.kernels.fbank import clamp_and_scale, log_mel
+from qasr.kernels.fbank import clamp_and_scale, log10_mel_batch, log_mel
 from qasr.runtime.stream import SegmentAudio, Stream
 from qasr.runtime.transcribe import Transcriber
 from qasr.runtime.windows import token_count
@@ -159,15 +159,26 @@ class Counting:
         return self.backend.step(ids, starts, positions)
 
 
-def run_steps(model, wav, incremental: bool, **options):
-    stream = Stream(model, max_new_tokens=BUDGET, segment_seconds=0, incremental=incremental, **options)
+def run_steps(model, wav, incremental: bool, segment_seconds: float = 0, watch=None, **options):
+    """(generated ids, audio embeddings) after every step; `watch(stream)` is called after each."""
+    stream = Stream(model, max_new_tokens=BUDGET, segment_seconds=segment_seconds, incremental=incremental, **options)
     steps = []
     for start in range(0, len(wav), 32000):
         for _ in stream.feed(wav[start : start + 32000]):
             steps.append((list(stream.generated), stream.last_embeddings.copy()))
+            if watch:
+                watch(stream)
     stream.finish()
     steps.append((list(stream.generated), stream.last_embeddings.copy()))
     return steps
+
+
+def assert_same_steps(fast, slow):
+    assert len(fast) == len(slow)
+    for (ids, embeds), (ids_ref, embeds_ref) in zip(fast, slow):
+        assert ids == ids_ref
+        assert embeds.shape == embeds_ref.shape
+        assert relative_error(embeds, embeds_ref) <= 1e-5
 
 
 @pytest.mark.parametrize("preset", ["tiny-untied", "tiny-mqa"])
@@ -190,15 +201,46 @@ def test_incremental_equals_recomputing_every_step(models, speech, preset):
         other = run_steps(ours, speech(21.5, start=1), incremental=True, context="hello")
     finally:
         ours.backend = counting.backend
-    assert len(fast) == len(slow) == 11
-    for (ids, embeds), (ids_ref, embeds_ref) in zip(fast, slow):
-        assert ids == ids_ref
-        assert embeds.shape == embeds_ref.shape
-        assert relative_error(embeds, embeds_ref) <= 1e-5
+    assert len(fast) == 11
+    assert_same_steps(fast, slow)
     assert [ids for ids, _ in fast] != [ids for ids, _ in other]  # the output follows the audio
     assert windows < counting.windows - windows  # the re-feed encoded more windows than the stream
     assert all(k > 0 for k in kept[1:])  # every step after the first kept the prompt's cache rows
     assert max(kept) >= kept[1] + 2 * token_count(ours.window_frames)  # and some kept whole cached windows
+
+
+def test_later_segments_clamp_at_the_stream_s_peak(models, speech):
+    """After a loud start, quieter segments whose own peak keeps rising: they clamp at the stream's
+    peak, so each of their windows is encoded once, and the steps equal re-feeding each segment's
+    audio with that peak (ids, embeddings 1e-5). tiny-mqa: 4 s windows, two cached per segment."""
+    _, ours = models("tiny-mqa")
+    clip, pause = speech(3.4), np.zeros(6400, dtype=np.float32)
+    pieces = [clip, pause]  # then 12 x the clip, each 1.3 times louder, all quieter than the first
+    for gain in 0.01 * 1.3 ** np.arange(12):
+        pieces += [clip * np.float32(gain), pause]
+    wav = np.concatenate(pieces)
+    seen = []
+
+    def watch(stream):
+        seen.append((stream.segment.offset, list(stream.segment.audio.windows), stream.segment.audio.samples))
+
+    fast = run_steps(ours, wav, incremental=True, segment_seconds=10.0, watch=watch)
+    slow = run_steps(ours, wav, incremental=False, segment_seconds=10.0)
+    assert_same_steps(fast, slow)
+    offsets = sorted({offset for offset, _, _ in seen})
+    assert len(offsets) >= 4
+    later = [(offset, windows, samples) for offset, windows, samples in seen if offset > offsets[1]]
+    for (offset, windows, _), (next_offset, next_windows, _) in zip(later, later[1:]):
+        if offset == next_offset:  # within a segment, a cached window is never encoded again
+            assert all(a is b for a, b in zip(windows, next_windows))
+    assert any(len(windows) >= 2 for _, windows, _ in later)
+    whole = {offset: samples for offset, _, samples in later}  # each later segment's audio at its last step
+    loud = log10_mel_batch([clip])[0].max()
+    rises = 0
+    for raw in log10_mel_batch(list(whole.values())):
+        assert raw.max() < loud
+        rises += raw[:, : ours.window_frames].max() < raw.max()
+    assert rises  # clamped at its own peak instead, the floor would have moved under a cached window
 
 
 def test_segments_close_at_pauses_and_commit(models, speech):

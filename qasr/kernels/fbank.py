@@ -201,17 +201,18 @@ def log10_mel_batch(waves: list[np.ndarray]) -> list[np.ndarray]:
     return outs
 
 
-def log_mel_batch(waves: list[np.ndarray]) -> list[np.ndarray]:
+def log_mel_batch(waves: list[np.ndarray], peak: float = -np.inf) -> list[np.ndarray]:
     """log_mel of several clips at once; each result is identical to log_mel of that clip alone."""
-    return [clamp_and_scale(out, float(out.max())) if out.size else out for out in log10_mel_batch(waves)]
+    return [clamp_and_scale(out, max(peak, float(out.max()))) if out.size else out for out in log10_mel_batch(waves)]
 
 
-def log_mel(wave: np.ndarray) -> np.ndarray:
+def log_mel(wave: np.ndarray, peak: float = -np.inf) -> np.ndarray:
     """128-bin log-mel features [128, n // 160] float32 of a 16 kHz mono clip, as Qwen3-ASR sees them.
 
-    Clips shorter than 160 samples give zero frames.
+    Clips shorter than 160 samples give zero frames. `peak`: a louder log10 mel power heard
+    before the clip (a stream's later segment) sets the clamp floor instead of the clip's own.
     """
-    return log_mel_batch([wave])[0]
+    return log_mel_batch([wave], peak)[0]
 
 
 class LogMelStream:

@@ -20,15 +20,17 @@ WINDOW_BATCH = 2  # encoder windows per call: 16 s; larger batches ran slower (c
 
 
 def embed_audio(backend: Backend, wave: np.ndarray, window_frames: int, timings: dict | None = None,
-                source: str = "<audio>") -> np.ndarray:
+                source: str = "<audio>", peak: float = -np.inf) -> np.ndarray:
     """Audio embeddings [N, hidden] of a 16 kHz waveform; adds 'frontend' and 'encoder' seconds to timings.
 
     Only the features [128, T] and the embeddings (which the decoder needs whole) grow with the
-    recording; windows and encoder states exist one batch at a time.
+    recording; windows and encoder states exist one batch at a time. `peak`: a louder log10 mel
+    bin heard before the clip, which sets the clamp floor instead of the clip's own (a stream's
+    later segment).
     """
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    mel = log_mel(wave)
+    mel = log_mel(wave, peak)
     if mel.shape[1] == 0:
         raise AudioError(f"{source}: too short ({len(wave)} samples; at least 160, 10 ms, are needed)")
     add_time(timings, "frontend", time.perf_counter() - start)

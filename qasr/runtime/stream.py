@@ -22,6 +22,11 @@ What each step costs is bounded instead of growing with the stream:
   than `segment_seconds` (or at twice that, pause or not). A closed segment's text is committed,
   and the next segment starts afresh with the committed text's tail as its context, so memory
   and per-step compute stay flat. `segment_seconds=0` keeps one segment: the official policy.
+- Clamp floor across segments: a segment clamps at the loudest bin of the whole stream so far,
+  as the official stream (one segment) does every step, not at its own. A segment starting
+  afresh would see its own peak rise many times, each rise re-encoding its cached windows and
+  re-prefilling its whole prompt (the slowest steps of a stream); the stream's running peak
+  stops rising soon (a new record is ever rarer), so later segments keep their windows.
 
 Pauses are found by frame energy, not a learned VAD: the cut only bounds cost (a cut inside a
 word costs that word, not the stream), and energy on 10 ms frames needs no model, no dependency
@@ -86,15 +91,16 @@ def rollback_prefix(tokenizer, raw: str, unfixed_tokens: int, final: bool) -> st
 class SegmentAudio:
     """The audio of one segment and its audio embeddings, computed incrementally.
 
-    `embeddings(n)` equals embed_audio(samples[:n]): the same features exactly, each completed
-    window's embeddings from the step that first saw it complete (while the clamp floor leaves
-    it alone), the open window encoded again. It also says the first embedding row that differs
-    from the previous call's, which the decoder keeps its cache up to.
+    `embeddings(n)` equals embed_audio(samples[:n], peak=peak_before): the same features exactly,
+    each completed window's embeddings from the step that first saw it complete (while the clamp
+    floor leaves it alone), the open window encoded again. It also says the first embedding row
+    that differs from the previous call's, which the decoder keeps its cache up to.
     """
 
-    def __init__(self, backend, window_frames: int):
+    def __init__(self, backend, window_frames: int, peak_before: float = -np.inf):
         self.backend = backend
         self.window_frames = window_frames
+        self.peak_before = peak_before  # the loudest log10 mel bin of the stream before this segment
         self.samples = np.empty(0, dtype=np.float32)
         self.mel = LogMelStream(clamp=False)
         self.raw = np.empty((128, 0), dtype=np.float32)  # log10 mel power of the frames whose window has arrived
@@ -124,7 +130,7 @@ class SegmentAudio:
         raw, settled = self.features(n)
         if raw.shape[1] == 0:
             raise AudioError(f"<stream>: too short ({n} samples; at least 160, 10 ms, are needed)")
-        peak = max(float(self.frame_peak[:settled].max(initial=-np.inf)), float(raw[:, settled:].max(initial=-np.inf)))
+        peak = self._peak(raw, settled)
         floor = np.float32(peak - 8.0)
         add_time(timings, "frontend", time.perf_counter() - start)
         size = self.window_frames
@@ -148,6 +154,15 @@ class SegmentAudio:
             parts.append(embed_features(self.backend, open_part, size, timings, later=complete > 0))
         return np.concatenate(parts), token_count(changed * size)
 
+    def peak(self, n: int) -> float:
+        """The clamp peak of samples[:n]: their loudest log10 mel bin, or the stream's before them."""
+        raw, settled = self.features(n)
+        return self._peak(raw, settled)
+
+    def _peak(self, raw: np.ndarray, settled: int) -> float:
+        return max(self.peak_before, float(self.frame_peak[:settled].max(initial=-np.inf)),
+                   float(raw[:, settled:].max(initial=-np.inf)))
+
     @staticmethod
     def _still_valid(entry, floor: np.float32) -> bool:
         """A cached window keeps its features when the floor did not move, or moved only below its bins."""
@@ -158,8 +173,8 @@ class SegmentAudio:
 class _Segment:
     """One segment's state: its audio, the official policy's raw output, and its prompt."""
 
-    def __init__(self, backend, window_frames: int, context: str, offset: int):
-        self.audio = SegmentAudio(backend, window_frames)
+    def __init__(self, backend, window_frames: int, context: str, offset: int, peak_before: float):
+        self.audio = SegmentAudio(backend, window_frames, peak_before)
         self.context = context
         self.offset = offset  # samples of the stream before this segment
         self.chunk_id = 0
@@ -244,7 +259,7 @@ class Stream:
         self.pad_id = model.tokenizer.token_id(AUDIO_PAD)
         self.buffer = np.empty(0, dtype=np.float32)
         self.closed: list[tuple[str, str]] = []  # (language, text) of closed segments
-        self.segment = self._new_segment(0)
+        self.segment = self._new_segment(0, -np.inf)
         self.chunks = 0
         self.finished = False
         self.generated: list[int] = []  # ids the last step generated
@@ -325,10 +340,10 @@ class Stream:
             raise UsageError(f"<stream>: sample rate changed from {self._input_rate} to {rate} Hz mid-stream")
         return self._resampler.resample_chunk(x, last=last)
 
-    def _new_segment(self, offset: int) -> _Segment:
+    def _new_segment(self, offset: int, peak_before: float) -> _Segment:
         tail = self.committed[-CONTEXT_CHARS:] if offset else ""
         context = "\n".join(part for part in (self.options.context, tail) if part)
-        return _Segment(self.model.backend, self.model.window_frames, context, offset)
+        return _Segment(self.model.backend, self.model.window_frames, context, offset, peak_before)
 
     def _step(self, chunk: np.ndarray, final: bool) -> Generator[Sequence, None, StreamEvent]:
         start = time.perf_counter()
@@ -342,7 +357,7 @@ class Stream:
         if cut is not None:
             self.closed.append((segment.language, segment.text))
             carry = segment.audio.samples[cut:]
-            self.segment = self._new_segment(segment.offset + cut)
+            self.segment = self._new_segment(segment.offset + cut, segment.audio.peak(cut))
             self.buffer = np.concatenate([carry, self.buffer])
         elif final:
             self.closed.append((segment.language, segment.text))
@@ -369,7 +384,7 @@ class Stream:
             embeds, changed = segment.audio.embeddings(n, options.timings)
         else:
             embeds, changed = embed_audio(model.backend, segment.audio.samples[:n], model.window_frames,
-                                          options.timings, "<stream>"), 0
+                                          options.timings, "<stream>", peak=segment.audio.peak_before), 0
         ids = model.tokenizer.encode(asr_prompt(segment.context, options.language) + prefix)
         prompt = expand_audio(ids, self.pad_id, len(embeds))
         keep = min(prompt.index(self.pad_id) + changed, _common_prefix(prompt, segment.prompt))
