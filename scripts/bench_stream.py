@@ -1,25 +1,27 @@
 #!/usr/bin/env python
 """Time `Transcriber.stream` against the naive official re-feed and antirez/qwen-asr --stream.
 
-    python scripts/bench_stream.py BUNDLE CHECKPOINT [--seconds 300]
-        [--peer-seconds 120] [--peer ../qwen-asr/qwen_asr] [--no-write]
+    python scripts/bench_stream.py [--bundle B ...] [--checkpoint C] [--seconds 336]
+        [--peer-seconds 120] [--peer ../qwen-asr/qwen_asr] [--qasr-only] [--no-write]
 
 One process, one machine, the same speech (the tests/data English and Chinese clips in turn), 2
 threads everywhere, 2 s chunks, 12 new tokens forced every step (end-of-sequence ignored; a real
-model writes about that much per 2 s):
+model writes about that much per 2 s), for each bundle (default: the fp32 bundle `qasr bench`
+prepares and its int4 copy, as scripts/bench_batch.py makes them):
 - qasr: the incremental Stream with its default segments, fed the whole stream; every step timed.
 - naive re-feed: what the official streaming_transcribe computes per step, by this runtime: all
   the audio so far encoded again and the whole prompt prefilled (with the text prefix the
   policy would carry by then, 7 ids a step), then 12 tokens. Its cost depends only on how far
   into the stream the step is, so it is timed at the marks only.
-- antirez/qwen-asr `--stream` (pure C, bf16 weights from the same safetensors), per step from its
-  --debug lines (encoder + prefill + decode ms), on the first --peer-seconds of the same audio.
+And once, on the checkpoint's bf16 safetensors: antirez/qwen-asr `--stream` (pure C), per step
+from its --debug lines (encoder + prefill + decode ms), on the first --peer-seconds of the audio.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import pathlib
 import re
 import statistics
@@ -34,7 +36,8 @@ import soundfile as sf
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qasr.bench import DOC, machine, write_section  # noqa: E402
+from bench_batch import BUNDLES, CACHE, ensure_bundle, precision  # noqa: E402
+from qasr.bench import DOC, machine, measure_bandwidth, write_section  # noqa: E402
 from qasr.runtime.audio import SAMPLE_RATE  # noqa: E402
 from qasr.runtime.decode import greedy_decode  # noqa: E402
 from qasr.runtime.embed import embed_audio  # noqa: E402
@@ -60,8 +63,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_qasr(model: Transcriber, wave: np.ndarray) -> tuple[list[tuple[float, float]], float, float]:
-    """[(audio end s, compute s)] per step, the finalisation latency, the stream's RTF."""
+def run_qasr(model: Transcriber, wave: np.ndarray) -> tuple[list[tuple[float, float]], float, float, dict]:
+    """[(audio end s, compute s)] per step, the finalisation latency, the stream's RTF, its stage seconds."""
     stream = model.stream(max_new_tokens=TOKENS)
     steps, chunk = [], 2 * SAMPLE_RATE
     for begin in range(0, len(wave), chunk):
@@ -70,8 +73,7 @@ def run_qasr(model: Transcriber, wave: np.ndarray) -> tuple[list[tuple[float, fl
     start = time.perf_counter()
     stream.finish()
     final = time.perf_counter() - start
-    print("qasr stages (s, whole stream):", {k: round(v, 1) for k, v in stream.timings.items()}, flush=True)
-    return steps, final, (sum(s for _, s in steps) + final) / (len(wave) / SAMPLE_RATE)
+    return steps, final, (sum(s for _, s in steps) + final) / (len(wave) / SAMPLE_RATE), stream.timings
 
 
 def naive_step(model: Transcriber, wave: np.ndarray, seconds: float) -> float:
@@ -117,68 +119,99 @@ def cell(values: list[float]) -> str:
     return f"{percentile(values, 50):.2f} / {percentile(values, 95):.2f} ({len(values)})"
 
 
-def summary(steps: list[tuple[float, float]], seconds: float, final: float, rtf: float) -> str:
+def whole_row(name: str, steps: list[tuple[float, float]], seconds: float, final: float, rtf: float) -> str:
     """The whole stream's per-step figures: what "below 2 s at p95, and flat" is judged on."""
     times = [s for _, s in steps]
     first = statistics.median([s for t, s in steps if t <= 60])
     last = statistics.median([s for t, s in steps if t > seconds - 60])
-    return (f"{len(times)} steps: p50 {percentile(times, 50):.2f} s, p95 {percentile(times, 95):.2f} s, "
-            f"max {max(times):.2f} s; first minute median {first:.2f} s, last minute {last:.2f} s "
-            f"(x{last / first:.2f}); finalisation {final:.2f} s; stream RTF {rtf:.2f}")
+    return (f"| {name} | {seconds:g} s, {len(times)} | {percentile(times, 50):.2f} | {percentile(times, 95):.2f} | "
+            f"{max(times):.2f} | {first:.2f} / {last:.2f} (x{last / first:.2f}) | {final:.2f} | {rtf:.2f} |")
+
+
+def measure_bundle(bundle: pathlib.Path, wave: np.ndarray, args) -> dict:
+    """qasr's Stream on the whole stream, and unless --qasr-only the naive re-feed at the marks."""
+    model = Transcriber.load(bundle, backend="onnxruntime", threads=2)
+    model.eos_ids = ()  # force TOKENS new tokens every step
+    model.transcribe((np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE), max_new_tokens=1)  # the decoder loads
+    steps, final, rtf, stages = run_qasr(model, wave)
+    name = f"qasr Stream, {precision(bundle)}"
+    print(whole_row(name, steps, args.seconds, final, rtf), flush=True)
+    naive = {}
+    if not args.qasr_only:
+        naive = {m: [naive_step(model, wave, m - 2 * i) for i in range(args.naive_repeats)] for m in marks(args)}
+        print("naive", naive, flush=True)
+    return {"name": name, "precision": precision(bundle), "steps": steps, "final": final, "rtf": rtf,
+            "stages": stages, "naive": naive}
+
+
+def marks(args) -> list[int]:
+    return [m for m in MARKS if m <= args.seconds]
+
+
+def report(runs: list[dict], peer: tuple | None, args, bandwidth: float) -> str:
+    lines = [
+        "## Streaming", "",
+        f"{datetime.date.today().isoformat()}, `{' '.join(['python scripts/bench_stream.py', *sys.argv[1:]])}`", "",
+        f"{machine()}; read bandwidth {bandwidth:.1f} GB/s (`qasr.bench.measure_bandwidth`, 2 threads).", "",
+        f"Full-size random Qwen3-ASR-0.6B, 2 threads, {args.seconds:g} s of real speech fed in 2 s chunks as fast "
+        f"as it computes (after one warm-up call, so the decoder's weights are loaded), {TOKENS} new tokens forced a "
+        "step, default segments (30 s). Random weights: the text is noise, the cost is the real model's.", "",
+        "The whole stream, every step (each chunk and the segment cuts; the flush is the finalisation column):", "",
+        "| system | audio, steps | step p50 s | step p95 s | step max s | first / last minute median s "
+        "| finalisation s | stream RTF |", "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [whole_row(run["name"], run["steps"], args.seconds, run["final"], run["rtf"]) for run in runs]
+    if peer:
+        peer_steps, peer_rtf = peer
+        lines.append(whole_row("antirez/qwen-asr --stream, bf16", peer_steps, args.peer_seconds,
+                               peer_steps[-1][1], peer_rtf))
+    lines += ["", "Where qasr's time went (whole stream, s): " + "; ".join(
+        f"{run['precision']}: " + ", ".join(f"{k} {v:.1f}" for k, v in run["stages"].items()) for run in runs) + "."]
+    if args.qasr_only:
+        return "\n".join(lines)
+    shown = marks(args)
+    lines += ["", f"Per step at marks into the stream (p50 / p95 s over the steps in the {SPAN} s before each mark, "
+              "with their count):", "",
+              "| system | " + " | ".join(f"at {m} s" for m in shown) + " |", "|---|" + "---:|" * len(shown)]
+    for run in runs:
+        lines.append(f"| {run['name']} | " + " | ".join(cell(at_mark(run["steps"], m)) for m in shown) + " |")
+    for run in runs:
+        lines.append(f"| naive official re-feed (this runtime), {run['precision']} | "
+                     + " | ".join(cell(run["naive"][m]) for m in shown) + " |")
+    if peer:
+        lines.append("| antirez/qwen-asr --stream, bf16 | " + " | ".join(cell(at_mark(peer[0], m)) for m in shown) + " |")
+    lines += ["", f"The naive re-feed is timed {args.naive_repeats} times at each mark (its cost depends only on the "
+              f"mark). antirez ran on the first {args.peer_seconds:g} s only, to keep the run short; its per-step "
+              "figures come from its --debug lines, its finalisation is its last step, its RTF its own report."]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("bundle")
-    parser.add_argument("checkpoint")
-    parser.add_argument("--seconds", type=float, default=300)
+    parser.add_argument("--bundle", type=pathlib.Path, nargs="+", default=list(BUNDLES),
+                        help="ASR bundles (default: the fp32 one of `qasr bench` and its int4 copy, made when missing)")
+    parser.add_argument("--checkpoint", default=str(CACHE / "qwen3-asr-0.6b"), help="safetensors for antirez")
+    parser.add_argument("--seconds", type=float, default=336)
     parser.add_argument("--peer-seconds", type=float, default=120)
     parser.add_argument("--peer", default=str(ROOT.parent / "qwen-asr" / "qwen_asr"),
                         help="antirez/qwen-asr built with `make blas` (default: a checkout beside this repo)")
     parser.add_argument("--naive-repeats", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--qasr-only", action="store_true",
-                        help="time qasr's Stream alone and print the whole stream's figures (no peers, no table)")
+    parser.add_argument("--qasr-only", action="store_true", help="time qasr's Stream alone (no peers)")
     args = parser.parse_args()
     wave = speech(args.seconds)
-    model = Transcriber.load(args.bundle, backend="onnxruntime", threads=2)
-    model.eos_ids = ()  # force TOKENS new tokens every step
-    model.transcribe((np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE), max_new_tokens=1)  # the decoder loads
-    steps, final, rtf = run_qasr(model, wave)
-    print("qasr", cell(at_mark(steps, 30)), cell(at_mark(steps, 120)), cell(at_mark(steps, 300)), final, rtf, flush=True)
-    if args.qasr_only:
-        print(summary(steps, args.seconds, final, rtf))
-        return
-    marks = [m for m in MARKS if m <= args.seconds]
-    naive = {m: [naive_step(model, wave, m - 2 * i) for i in range(args.naive_repeats)] for m in marks}
-    print("naive", naive, flush=True)
-    peer_steps, peer_rtf = run_peer(args.peer, args.checkpoint, wave[: int(args.peer_seconds * SAMPLE_RATE)])
-    print("peer", cell(at_mark(peer_steps, 30)), cell(at_mark(peer_steps, 120)), peer_rtf, flush=True)
-    minute = [s for t, s in steps if t <= 60], [s for t, s in steps if t > args.seconds - 60]
-    header = (f"## Streaming\n\n{datetime.date.today().isoformat()}, `python "
-              f"scripts/bench_stream.py {' '.join(sys.argv[1:])}`\n\n{machine()}.\n")
-    rows = ["| system | " + " | ".join(f"step p50 / p95 s at {m} s (steps)" for m in marks)
-            + " | finalisation s | stream RTF |", "|---|" + "---:|" * (len(marks) + 2)]
-    rows.append("| qasr Stream (incremental, segments of 30 s) | " + " | ".join(cell(at_mark(steps, m)) for m in marks)
-                + f" | {final:.2f} | {rtf:.2f} |")
-    rows.append("| naive official re-feed (this runtime) | " + " | ".join(cell(naive[m]) for m in marks)
-                + f" | {statistics.median(naive[marks[-1]]):.2f} | {statistics.median(naive[marks[-1]]) / 2:.2f} |")
-    rows.append("| antirez/qwen-asr --stream | " + " | ".join(cell(at_mark(peer_steps, m)) for m in marks)
-                + f" | {peer_steps[-1][1]:.2f} | {peer_rtf:.2f} |")
-    text = header + "\n" + "\n".join(rows) + (
-        f"\n\nFull-size random Qwen3-ASR-0.6B (fp32 bundle for qasr, the bf16 safetensors for antirez), 2 threads, "
-        f"{args.seconds:g} s of real speech fed in 2 s chunks as fast as it computes (after one warm-up call, "
-        f"so the decoder's weights are loaded), {TOKENS} new tokens forced a step. A mark's figures are over the steps in the {SPAN} s before it. First minute median "
-        f"{statistics.median(minute[0]):.2f} s, last minute {statistics.median(minute[1]):.2f} s "
-        f"(x{statistics.median(minute[1]) / statistics.median(minute[0]):.2f}). The naive re-feed is timed "
-        f"{args.naive_repeats} times at each mark (its cost depends only on the mark); its finalisation is one "
-        "more such step and its RTF is a step's cost over the 2 s it covers, at the last mark. antirez ran "
-        f"on the first {args.peer_seconds:g} s only, to keep the run short; its "
-        "per-step figure from its --debug lines, its finalisation its last step, its RTF its own report. "
-        "Random weights: the text is noise, the cost is the real model's."
-    )
+    bandwidth = measure_bandwidth(2)
+    runs = []
+    for bundle in args.bundle:
+        ensure_bundle(bundle)
+        runs.append(measure_bundle(bundle, wave, args))
+        gc.collect()  # the last bundle's sessions go before the next one loads
+    peer = None
+    if not args.qasr_only:
+        peer = run_peer(args.peer, args.checkpoint, wave[: int(args.peer_seconds * SAMPLE_RATE)])
+    text = report(runs, peer, args, max(bandwidth, measure_bandwidth(2)))
     print(text)
-    if not args.no_write:
+    if not args.no_write and not args.qasr_only:
         write_section(DOC, BEGIN, END, text)
 
 
