@@ -15,6 +15,8 @@ prepares and its int4 copy, as scripts/bench_batch.py makes them):
   into the stream the step is, so it is timed at the marks only.
 And once, on the checkpoint's bf16 safetensors: antirez/qwen-asr `--stream` (pure C), per step
 from its --debug lines (encoder + prefill + decode ms), on the first --peer-seconds of the audio.
+--qasr-only times qasr's Stream alone, for streams too long to time the peers on (an hour: is
+memory flat?), into a section of its own.
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_batch import BUNDLES, CACHE, ensure_bundle, precision  # noqa: E402
-from qasr.bench import DOC, machine, measure_bandwidth, write_section  # noqa: E402
+from qasr.bench import DOC, machine, measure_bandwidth, rss_gb, write_section  # noqa: E402
 from qasr.runtime.audio import SAMPLE_RATE  # noqa: E402
 from qasr.runtime.decode import greedy_decode  # noqa: E402
 from qasr.runtime.embed import embed_audio  # noqa: E402
 from qasr.runtime.prompt import prompt_ids  # noqa: E402
 from qasr.runtime.transcribe import Transcriber  # noqa: E402
 
-BEGIN, END = "<!-- stream:begin -->", "<!-- stream:end -->"
+# with peers, and qasr alone (--qasr-only, for streams too long to time the peers on): two sections
+SECTIONS = {False: ("## Streaming", "stream"), True: ("## A long stream, qasr alone", "stream-long")}
 TOKENS = 12
 MARKS = (30, 120, 300)  # seconds into the stream; a mark's figures are over the 20 s before it
 SPAN = 20
@@ -63,17 +66,20 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_qasr(model: Transcriber, wave: np.ndarray) -> tuple[list[tuple[float, float]], float, float, dict]:
-    """[(audio end s, compute s)] per step, the finalisation latency, the stream's RTF, its stage seconds."""
+def run_qasr(model: Transcriber, wave: np.ndarray) -> dict:
+    """Per step (audio end s, compute s) and the process's resident GB after it, the finalisation
+    latency, the stream's RTF and its stage seconds."""
     stream = model.stream(max_new_tokens=TOKENS)
-    steps, chunk = [], 2 * SAMPLE_RATE
+    steps, memory, chunk = [], [], 2 * SAMPLE_RATE
     for begin in range(0, len(wave), chunk):
         for event in stream.feed(wave[begin : begin + chunk]):
             steps.append((event.audio_seconds if not event.final else len(wave) / SAMPLE_RATE, event.compute_seconds))
+            memory.append((steps[-1][0], rss_gb()))
     start = time.perf_counter()
     stream.finish()
     final = time.perf_counter() - start
-    return steps, final, (sum(s for _, s in steps) + final) / (len(wave) / SAMPLE_RATE), stream.timings
+    rtf = (sum(s for _, s in steps) + final) / (len(wave) / SAMPLE_RATE)
+    return {"steps": steps, "memory": memory, "final": final, "rtf": rtf, "stages": stream.timings}
 
 
 def naive_step(model: Transcriber, wave: np.ndarray, seconds: float) -> float:
@@ -133,25 +139,34 @@ def measure_bundle(bundle: pathlib.Path, wave: np.ndarray, args) -> dict:
     model = Transcriber.load(bundle, backend="onnxruntime", threads=2)
     model.eos_ids = ()  # force TOKENS new tokens every step
     model.transcribe((np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE), max_new_tokens=1)  # the decoder loads
-    steps, final, rtf, stages = run_qasr(model, wave)
-    name = f"qasr Stream, {precision(bundle)}"
-    print(whole_row(name, steps, args.seconds, final, rtf), flush=True)
+    run = {"name": f"qasr Stream, {precision(bundle)}", "precision": precision(bundle), **run_qasr(model, wave)}
+    print(whole_row(run["name"], run["steps"], args.seconds, run["final"], run["rtf"]), flush=True)
     naive = {}
     if not args.qasr_only:
         naive = {m: [naive_step(model, wave, m - 2 * i) for i in range(args.naive_repeats)] for m in marks(args)}
         print("naive", naive, flush=True)
-    return {"name": name, "precision": precision(bundle), "steps": steps, "final": final, "rtf": rtf,
-            "stages": stages, "naive": naive}
+    return {**run, "naive": naive}
+
+
+def memory_cell(memory: list[tuple[float, float]]) -> str:
+    """What flat memory is judged on: the first minute's most against the last step and the whole stream's most."""
+    first = max(gb for t, gb in memory if t <= 60)
+    return f"{first:.2f} / {memory[-1][1]:.2f} / {max(gb for _, gb in memory):.2f}"
 
 
 def marks(args) -> list[int]:
     return [m for m in MARKS if m <= args.seconds]
 
 
+def command() -> str:
+    """This run's command line, with the home folder as ~ so the docs name no path of this machine."""
+    return " ".join(["python scripts/bench_stream.py", *sys.argv[1:]]).replace(str(pathlib.Path.home()), "~")
+
+
 def report(runs: list[dict], peer: tuple | None, args, bandwidth: float) -> str:
     lines = [
-        "## Streaming", "",
-        f"{datetime.date.today().isoformat()}, `{' '.join(['python scripts/bench_stream.py', *sys.argv[1:]])}`", "",
+        SECTIONS[args.qasr_only][0], "",
+        f"{datetime.date.today().isoformat()}, `{command()}`", "",
         f"{machine()}; read bandwidth {bandwidth:.1f} GB/s (`qasr.bench.measure_bandwidth`, 2 threads).", "",
         f"Full-size random Qwen3-ASR-0.6B, 2 threads, {args.seconds:g} s of real speech fed in 2 s chunks as fast "
         f"as it computes (after one warm-up call, so the decoder's weights are loaded), {TOKENS} new tokens forced a "
@@ -167,6 +182,8 @@ def report(runs: list[dict], peer: tuple | None, args, bandwidth: float) -> str:
                                peer_steps[-1][1], peer_rtf))
     lines += ["", "Where qasr's time went (whole stream, s): " + "; ".join(
         f"{run['precision']}: " + ", ".join(f"{k} {v:.1f}" for k, v in run["stages"].items()) for run in runs) + "."]
+    lines += ["", "The process's resident memory (GB) after the first minute / at the end / its most: " + "; ".join(
+        f"{run['precision']}: {memory_cell(run['memory'])}" for run in runs) + "."]
     if args.qasr_only:
         return "\n".join(lines)
     shown = marks(args)
@@ -211,8 +228,9 @@ def main() -> None:
         peer = run_peer(args.peer, args.checkpoint, wave[: int(args.peer_seconds * SAMPLE_RATE)])
     text = report(runs, peer, args, max(bandwidth, measure_bandwidth(2)))
     print(text)
-    if not args.no_write and not args.qasr_only:
-        write_section(DOC, BEGIN, END, text)
+    if not args.no_write:
+        marker = SECTIONS[args.qasr_only][1]
+        write_section(DOC, f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->", text)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from qasr.bench import BEGIN, END, bytes_per_token, report, write_section
+import numpy as np
+
+from qasr.bench import BEGIN, END, _widest_simd, bytes_per_token, peak_rss_gb, report, rss_gb, write_section
 
 
 def test_bytes_per_token_match_the_published_floor():
@@ -37,3 +39,20 @@ def test_report_ratios_against_official_fp32():
     qasr_row = next(line for line in text.splitlines() if "| qasr-onnxruntime |" in line and "x" in line)
     assert "1 [1-1] x0.50" in qasr_row and "100 [100-100] x0.50" in qasr_row
     assert "| Jetson AGX Orin | 204.8 |" in text
+
+
+def test_resident_memory_now_and_at_its_peak():
+    """rss_gb follows an allocation (what a long stream's flat memory is judged on); the peak holds it."""
+    before = rss_gb()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    during = rss_gb()
+    assert during - before > 0.05 and peak_rss_gb() >= during
+    del block
+
+
+def test_widest_simd_names_what_sets_the_kernels_speed():
+    """Machines sold under one name differ by the vector extension; the report names the widest."""
+    assert _widest_simd(["flags\t\t: fpu sse2 avx2 avx512f avx512_vnni"]) == "AVX-512 VNNI"
+    assert _widest_simd(["flags\t\t: fpu sse2 avx2 fma"]) == "AVX2"
+    assert _widest_simd(["Features\t: fp asimd asimddp sve"]) == "SVE"
+    assert _widest_simd([]) == "no AVX2 or NEON"
