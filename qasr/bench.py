@@ -144,18 +144,21 @@ def peak_rss_gb() -> float:
     """This process's peak resident memory. On Linux the high-water mark of its own address space
     (VmHWM): ru_maxrss also carries the parent's peak across fork and exec, so a worker spawned
     after the parent exported a bundle would report the export's 20 GB."""
-    return _status_gb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    peak = status_kb("VmHWM")
+    return peak / 1e6 if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def rss_gb() -> float:
     """This process's resident memory now (VmRSS): what a long stream must keep flat."""
-    return _status_gb("VmRSS") or float("nan")
+    now = status_kb("VmRSS")
+    return now / 1e6 if now is not None else float("nan")
 
 
-def _status_gb(field: str) -> float | None:
+def status_kb(field: str) -> int | None:
+    """One kB field of /proc/self/status (VmRSS, VmHWM), or None where /proc has no such field."""
     try:
         status = Path("/proc/self/status").read_text()
-        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:")) / 1e6
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
     except (OSError, StopIteration):
         return None
 

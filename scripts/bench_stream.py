@@ -67,14 +67,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_qasr(model: Transcriber, wave: np.ndarray) -> dict:
-    """Per step (audio end s, compute s) and the process's resident GB after it, the finalisation
-    latency, the stream's RTF and its stage seconds."""
+    """Per step (audio end s, compute s) and, in a list beside it, the process's resident GB after
+    it; the finalisation latency, the stream's RTF and its stage seconds."""
     stream = model.stream(max_new_tokens=TOKENS)
     steps, memory, chunk = [], [], 2 * SAMPLE_RATE
     for begin in range(0, len(wave), chunk):
         for event in stream.feed(wave[begin : begin + chunk]):
             steps.append((event.audio_seconds if not event.final else len(wave) / SAMPLE_RATE, event.compute_seconds))
-            memory.append((steps[-1][0], rss_gb()))
+            memory.append(rss_gb())
     start = time.perf_counter()
     stream.finish()
     final = time.perf_counter() - start
@@ -139,7 +139,8 @@ def measure_bundle(bundle: pathlib.Path, wave: np.ndarray, args) -> dict:
     model = Transcriber.load(bundle, backend="onnxruntime", threads=2)
     model.eos_ids = ()  # force TOKENS new tokens every step
     model.transcribe((np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE), max_new_tokens=1)  # the decoder loads
-    run = {"name": f"qasr Stream, {precision(bundle)}", "precision": precision(bundle), **run_qasr(model, wave)}
+    weights = precision(bundle)
+    run = {"name": f"qasr Stream, {weights}", "precision": weights, **run_qasr(model, wave)}
     print(whole_row(run["name"], run["steps"], args.seconds, run["final"], run["rtf"]), flush=True)
     naive = {}
     if not args.qasr_only:
@@ -148,10 +149,10 @@ def measure_bundle(bundle: pathlib.Path, wave: np.ndarray, args) -> dict:
     return {**run, "naive": naive}
 
 
-def memory_cell(memory: list[tuple[float, float]]) -> str:
+def memory_cell(run: dict) -> str:
     """What flat memory is judged on: the first minute's most against the last step and the whole stream's most."""
-    first = max(gb for t, gb in memory if t <= 60)
-    return f"{first:.2f} / {memory[-1][1]:.2f} / {max(gb for _, gb in memory):.2f}"
+    first = max(gb for (t, _), gb in zip(run["steps"], run["memory"]) if t <= 60)
+    return f"{first:.2f} / {run['memory'][-1]:.2f} / {max(run['memory']):.2f}"
 
 
 def marks(args) -> list[int]:
@@ -183,7 +184,7 @@ def report(runs: list[dict], peer: tuple | None, args, bandwidth: float) -> str:
     lines += ["", "Where qasr's time went (whole stream, s): " + "; ".join(
         f"{run['precision']}: " + ", ".join(f"{k} {v:.1f}" for k, v in run["stages"].items()) for run in runs) + "."]
     lines += ["", "The process's resident memory (GB) after the first minute / at the end / its most: " + "; ".join(
-        f"{run['precision']}: {memory_cell(run['memory'])}" for run in runs) + "."]
+        f"{run['precision']}: {memory_cell(run)}" for run in runs) + "."]
     if args.qasr_only:
         return "\n".join(lines)
     shown = marks(args)

@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from qasr.bench import status_kb
 from qasr.serve import openai_api
 from qasr.serve.openai_api import ApiError
 from qasr.serve.service import Service
@@ -128,14 +129,8 @@ def describe(service: Service) -> dict:
 
 def _resident_mb() -> float | None:
     """This process's resident memory (VmRSS), where /proc has it."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
+    kb = status_kb("VmRSS")
+    return None if kb is None else round(kb / 1024, 1)
 
 
 def _errors(app: FastAPI) -> None:
