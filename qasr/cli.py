@@ -15,7 +15,7 @@ from pathlib import Path
 from qasr import __version__
 from qasr.errors import QasrError, UsageError
 from qasr.export import tensorrt_build
-from qasr.runtime.backend import BACKENDS
+from qasr.runtime.backend import BACKENDS, PRECISIONS
 from qasr.runtime.resolve import DEFAULT_ALIGNER, DEFAULT_MODEL
 
 BATCH_SIZE = 4  # files decoded side by side by `qasr transcribe`: most of the speed-up, a bounded cache
@@ -152,6 +152,9 @@ def _backend_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="auto: TensorRT where the bundle has engines, else ONNX Runtime on CUDA, else CPU")
     parser.add_argument("--threads", type=_positive, help="CPU threads for ONNX Runtime (default: all cores)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="GPU compute type: auto (fp16 graphs on onnxruntime-cuda, the engines' own on "
+                             "TensorRT), fp32, fp16 or bf16; derived graphs are made once and kept in the bundle")
 
 
 def _positive(text: str) -> int:
@@ -207,8 +210,9 @@ def run_transcribe(args: argparse.Namespace) -> int:
     if args.output_dir:
         writable_dir(args.output_dir, "the output directory")
     timestamps = args.timestamps or args.format in ("srt", "vtt")
-    model = Transcriber.load(args.model, backend=args.backend, threads=args.threads)
-    aligner = (Aligner.load(args.aligner or DEFAULT_ALIGNER, backend=args.backend, threads=args.threads)
+    model = Transcriber.load(args.model, backend=args.backend, threads=args.threads, precision=args.precision)
+    aligner = (Aligner.load(args.aligner or DEFAULT_ALIGNER, backend=args.backend, threads=args.threads,
+                            precision=args.precision)
                if timestamps else None)
     language = check_language(args.language, model.languages) if args.language else None
     names = _output_names(args.audio) if args.output_dir else {}
@@ -241,7 +245,7 @@ def run_verify(args: argparse.Namespace) -> int:
     from qasr.runtime.verify import verify
 
     report = verify(args.model, args.audio, reference=args.reference, backend=args.backend, threads=args.threads,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, precision=args.precision)
     print(json.dumps(report.to_dict(), ensure_ascii=False) if args.format == "json" else report.to_text(), end="")
     print("" if args.format == "text" else "\n", end="")
     shortfall = report.shortfall()
@@ -255,7 +259,7 @@ def run_align(args: argparse.Namespace) -> int:
     from qasr.runtime.formats import subtitle_segments, to_srt, to_vtt
 
     text = _read_text(args.text)
-    aligner = Aligner.load(args.aligner, backend=args.backend, threads=args.threads)
+    aligner = Aligner.load(args.aligner, backend=args.backend, threads=args.threads, precision=args.precision)
     language = args.language or guess_language(text)
     words = aligner.align(args.audio, text, language)
     if args.format == "json":
@@ -327,6 +331,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from qasr.serve.service import Options
 
     options = Options(model=args.model, aligner=args.aligner, backend=args.backend, threads=args.threads,
+                      precision=args.precision,
                       api_key=args.api_key or None, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
                       max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, cors_origins=args.cors_origin,
                       drain_seconds=args.drain_seconds)

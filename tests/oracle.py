@@ -20,6 +20,7 @@ pytest.importorskip("qwen_asr")
 from qwen_asr import Qwen3ASRModel, Qwen3ForcedAligner  # noqa: E402
 from qwen_asr.core.transformers_backend import modeling_qwen3_asr as official_modeling  # noqa: E402
 
+from parity import relative_error  # noqa: E402,F401  (re-exported for the parity tests)
 from qasr.runtime.tokenizer import qwen2_pre_tokenizer  # noqa: E402
 
 
@@ -87,16 +88,6 @@ def official_encoder(model, mel: np.ndarray) -> tuple[torch.Tensor, torch.Tensor
     finally:
         hook.remove()
     return captured["states"], out
-
-
-def relative_error(actual, expected) -> float:
-    """max |a - e| / max |e|: the parity measure of DESIGN.md's tiers."""
-    actual, expected = _tensor(actual), _tensor(expected)
-    return float((actual - expected).abs().max() / expected.abs().max())
-
-
-def _tensor(x) -> torch.Tensor:
-    return x.detach().float() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.float32))
 
 
 def official_transcribe(model: Qwen3ASRModel, audio, **kwargs):

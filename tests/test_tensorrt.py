@@ -1,10 +1,9 @@
-"""The TensorRT path: builder, engine records, backend, and ONNX Runtime on CUDA.
+"""The TensorRT path: builder, engine records and backend (ONNX Runtime's CUDA provider: test_gpu.py).
 
 CPU tests (run everywhere): mypy against tensorrt-stubs, `qasr build` without TensorRT or a GPU
 fails with one line, engine-record mismatches are refused, the cache-row copy geometry, the
-optimization profiles. GPU tests (parity of engines and of onnxruntime-gpu against the fp32
-graphs on ONNX Runtime CPU) skip with the reason where TensorRT, onnxruntime-gpu or a CUDA
-device is missing, and run as they are on a GPU machine.
+optimization profiles. GPU tests (parity of the engines against the fp32 graphs on ONNX Runtime
+CPU) skip with the reason where TensorRT or a CUDA device is missing, and need no oracle.
 """
 
 from __future__ import annotations
@@ -22,17 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oracle import relative_error
+from parity import AUDIO, check_batch, check_parity
 from qasr.errors import EngineError
 from qasr.export import tensorrt_build
-from qasr.kernels.fbank import log_mel
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.decode import PREFILL_CHUNK, greedy_decode, token_budget
+from qasr.runtime.decode import PREFILL_CHUNK, token_budget
 from qasr.runtime.embed import WINDOW_BATCH
 from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from qasr.runtime.cuda import row_copy
 from qasr.runtime.tensorrt_backend import RECORD_FORMAT, check_record
-from qasr.runtime.windows import join_windows, split_windows
 
 ROOT = Path(__file__).parent.parent
 GPU_MODULES = ["qasr/runtime/tensorrt_backend.py", "qasr/runtime/cuda.py", "qasr/export/tensorrt_build.py",
@@ -52,10 +49,6 @@ ignore_missing_imports = True
 [mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*]
 ignore_errors = True
 """
-EOS = (151645, 151643)
-AUDIO = 151676
-PROMPT_HEAD = [151644, 8948, 198, 151645, 198, 151644, 872, 198, 151669]
-PROMPT_TAIL = [151670, 151645, 198, 151644, 77091, 198]
 
 
 # -- CPU -------------------------------------------------------------------------------------------
@@ -256,58 +249,6 @@ def engines(gpu, bundle, tmp_path_factory):
     return get
 
 
-def check_parity(candidate, reference: OnnxRuntimeBackend, speech, free_running: bool, tolerance: float) -> None:
-    """Engine (or ORT on CUDA) against the fp32 graphs on the CPU, on real speech."""
-    windows, frames, conv = split_windows(log_mel(speech(7.0)), 800)
-    hidden = reference.encode(windows, frames, conv)
-    assert relative_error(join_windows(candidate.encode(windows, frames, conv), frames),
-                          join_windows(hidden, frames)) < tolerance
-    embeds = reference.project(join_windows(hidden, frames))
-    assert relative_error(candidate.project(join_windows(hidden, frames)), embeds) < tolerance
-    prompt = PROMPT_HEAD + [AUDIO] * len(embeds) + PROMPT_TAIL
-    expected = greedy_decode(reference, prompt, embeds, AUDIO, 24, (), keep_logits=True)
-    logits = greedy_decode(candidate, prompt, embeds, AUDIO, 24, (), keep_logits=True,
-                           forced=expected.tokens).logits  # teacher-forced along the reference's ids
-    cosines = [float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(logits, expected.logits)]
-    agree = np.mean([int(a.argmax()) == int(b.argmax()) for a, b in zip(logits, expected.logits)])
-    assert min(cosines) >= 0.99 and agree >= 0.99, (min(cosines), agree)
-    if free_running:
-        got = greedy_decode(candidate, prompt, embeds, AUDIO, 24, EOS, prefill_chunk=64)
-        assert got.tokens == greedy_decode(reference, prompt, embeds, AUDIO, 24, EOS, prefill_chunk=64).tokens
-
-
-def check_batch(candidate, reference: OnnxRuntimeBackend, speech) -> None:
-    """Five requests of different lengths, at most three per step (rows join and leave; TensorRT runs
-    the buckets of 1, 2 and 4 rows), against each request alone on the fp32 graphs on the CPU."""
-    from qasr.runtime.batch import BatchDecoder
-    from qasr.runtime.decode import Sequence
-
-    def sequences(backend) -> list[Sequence]:
-        made = []
-        for i, seconds in enumerate((7.0, 2.5, 11.0, 4.0, 1.2)):
-            windows, frames, conv = split_windows(log_mel(speech(seconds, start=i)), 800)
-            embeds = backend.project(join_windows(backend.encode(windows, frames, conv), frames))
-            made.append(Sequence(PROMPT_HEAD + [AUDIO] * len(embeds) + PROMPT_TAIL, embeds, AUDIO, 8 + 4 * i, EOS))
-        return made
-
-    engine = BatchDecoder(candidate, max_batch=3, prefill_chunk=64)
-    batched = sequences(reference)
-    for sequence in batched:
-        engine.add(sequence)
-    engine.run()
-    expected = [greedy_decode(reference, s.prompt, s.audio_embeds, AUDIO, s.budget, EOS, prefill_chunk=64).tokens
-                for s in sequences(reference)]
-    assert [s.result.tokens for s in batched] == expected
-
-
-def test_onnxruntime_cuda_binding_batches_on_the_cpu(bundle, speech):
-    """The onnxruntime-cuda backend's batch path (shared cache, per-row writes) on its CPU device."""
-    from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend
-
-    loaded = Bundle.load(bundle("tiny"))
-    check_batch(OnnxRuntimeCudaBackend(loaded, device="cpu"), OnnxRuntimeBackend(loaded), speech)
-
-
 @pytest.mark.gpu
 def test_tensorrt_engines_batch_like_one_at_a_time(engines, speech):
     from qasr.runtime.tensorrt_backend import TensorRTBackend
@@ -337,24 +278,3 @@ def test_tensorrt_aligner_engine_matches_the_fp32_graph(engines):
     _, got = TensorRTBackend(bundle).align(ids, embeds)
     assert got.shape == expected.shape
     assert min(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(got, expected)) >= 0.99
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2)])
-def test_onnxruntime_cuda_matches_the_fp32_graphs(bundle, speech, precision, tolerance):
-    from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend, cuda_provider_available
-    from qasr.runtime.cuda import Cuda
-
-    if not cuda_provider_available():
-        pytest.skip("onnxruntime-gpu is not installed")
-    try:
-        Cuda()
-    except EngineError as error:
-        pytest.skip("no CUDA device" if "device" in str(error) else str(error))
-    loaded = Bundle.load(bundle("tiny"))
-    if precision != "fp32":
-        tensorrt_build.run(build_args(loaded.path, "--precision", precision, "--graphs-only"))
-    check_parity(OnnxRuntimeCudaBackend(loaded, precision=precision), OnnxRuntimeBackend(loaded), speech, True,
-                 tolerance)
-    if precision == "fp32":
-        check_batch(OnnxRuntimeCudaBackend(loaded), OnnxRuntimeBackend(loaded), speech)

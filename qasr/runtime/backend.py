@@ -6,7 +6,9 @@ tested on ONNX Runtime; TensorRT implements the same calls with its cache on the
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 
@@ -59,22 +61,43 @@ class Backend(ABC):
         """Aligner pass: ids [1, S] -> (class ids [K], logits [K, classes]) at the timestamp slots."""
 
 
-def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = None) -> Backend:
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = None, precision: str = "auto",
+                 progress: Callable[[str], None] | None = None) -> Backend:
     """Open `backend`; auto picks TensorRT where the bundle has engines and TensorRT is installed, then
-    ONNX Runtime on a CUDA device, then ONNX Runtime on the CPU."""
+    ONNX Runtime on a CUDA device, then ONNX Runtime on the CPU.
+
+    `precision` is the GPU's compute type: TensorRT's engines have theirs from `qasr build`; on
+    onnxruntime-cuda, fp16 and bf16 graphs are derived from the fp32 ones on first use and kept in
+    the bundle. `auto` is GPU_AUTO there (an fp32 bundle's fp16 graphs, which pass `qasr verify`
+    on the GPU), the bundle's own graphs elsewhere. The CPU runs the bundle's graphs only."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
     if backend == "tensorrt" or (backend == "auto" and _tensorrt_usable(bundle)):
         from qasr.runtime.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(bundle)
+        return TensorRTBackend(bundle, precision)
     if backend == "onnxruntime-cuda" or (backend == "auto" and _cuda_usable()):
-        from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend
+        from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend, ensure_derived, gpu_precision
 
-        return OnnxRuntimeCudaBackend(bundle, threads=threads)
+        chosen = gpu_precision(bundle, precision)
+        if chosen != "fp32":
+            ensure_derived(bundle, chosen, progress or _say)
+        return OnnxRuntimeCudaBackend(bundle, precision=chosen, threads=threads)
+    if precision not in ("auto", "fp32"):
+        raise UsageError(f"--precision {precision} is for the GPU backends (onnxruntime-cuda, tensorrt); on the "
+                         "CPU, smaller weights come from `qasr export --weights int8|int4`")
     from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(bundle, threads=threads)
+
+
+def _say(line: str) -> None:
+    print(f"qasr: {line}", file=sys.stderr, flush=True)
 
 
 def _tensorrt_usable(bundle: Bundle) -> bool:

@@ -5,16 +5,25 @@ the fp32 ones, or the derived fp16 ones (`qasr build BUNDLE --precision fp16 --g
 The KV cache is a device OrtValue shared by the batch's requests (each in its own rows) and bound
 through IO binding; new K/V rows come back as a device output and go into the cache with one
 strided device-to-device copy per request (cuda-python's cudaMemcpy2DAsync, the same geometry as
-the TensorRT backend), so per step only the ids and positions go in and the greedy ids come out. bf16 graphs are TensorRT's: the CUDA
-provider lacks bf16 kernels for several elementwise ops.
+the TensorRT backend), so per step only the ids and positions go in and the greedy ids come out.
 
-`device="cpu"` runs the same binding logic on the CPU provider with numpy buffers: it is how the
-derived fp16 graphs are checked numerically on a machine without a GPU.
+A decode step's inputs are OrtValues of their own, allocated once per batch size and refreshed
+with `update_inplace` before every run. Writing into a host numpy array that was bound earlier is
+not enough: the CUDA provider copies a host input to the device when it is bound, so every later
+run would read the first binding's ids and positions (the fault that once decoded garbage after
+the first token).
+
+`device="cpu"` runs the same binding logic on the CPU provider, and binds like the CUDA provider
+does: each input is a private copy, never a view of an array the backend writes later. That is
+how the binding and the derived fp16 graphs are checked on a machine without a GPU.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +34,22 @@ import onnxruntime as ort
 from qasr.errors import BundleError, EngineError, UsageError
 from qasr.runtime.bundle import Bundle, cache_names
 from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from qasr.runtime.resolve import locked
 from qasr.runtime.cuda import Cuda, row_copy
 from qasr.runtime.tensorrt_backend import ENGINES
 
 DERIVED = "derived"
 RECORD = "graphs.json"
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-NUMPY_TYPES = {"float32": np.float32, "float16": np.float16}
+# A graph's float type -> the element type ORT allocates and binds (numpy's, or ONNX's number for
+# bf16, which numpy lacks: only device buffers ever hold it) and its size in bytes.
+CACHE_TYPES: dict[str, tuple[Any, int]] = {"float32": (np.float32, 4), "float16": (np.float16, 2), "bfloat16": (16, 2)}
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+GPU_AUTO = "fp16"  # what `--precision auto` runs on onnxruntime-cuda: see docs/tensorrt.md for the figures
+STEP_INPUTS = ("input_ids", "position", "cache_start")
+# ONNX Runtime's own log level for the GPU sessions: errors only (3), so normal operation prints
+# nothing (it warns about Memcpy nodes and plugin devices on every session); 0-2 to debug.
+LOG_LEVEL = int(os.environ.get("QASR_ORT_LOG_LEVEL", "3"))
 
 
 def derived_dir(bundle: Bundle, precision: str) -> Path:
@@ -60,13 +78,64 @@ def cuda_provider_available() -> bool:
     return PROVIDERS["cuda"] in ort.get_available_providers()
 
 
+def gpu_precision(bundle: Bundle, precision: str) -> str:
+    """The graphs `precision` runs on this bundle. `auto`: GPU_AUTO for an fp32 bundle whose GPU_AUTO
+    graphs exist or can be derived here (onnx installed, the bundle writable), else the bundle's own."""
+    if precision != "auto":
+        return precision
+    if bundle.manifest.get("weights"):
+        return "fp32"
+    if derived_is_current(bundle, GPU_AUTO):
+        return GPU_AUTO
+    derivable = importlib.util.find_spec("onnx") is not None and os.access(bundle.path, os.W_OK)
+    return GPU_AUTO if derivable else "fp32"
+
+
+def ensure_derived(bundle: Bundle, precision: str, progress: Callable[[str], None]) -> None:
+    """Derive BUNDLE/derived/<precision> once, on first use, as the first-use export does.
+
+    The derivation rewrites the fp32 graphs with onnx (the gpu extra installs it); where that is
+    missing, one line says how to get the graphs."""
+    if derived_is_current(bundle, precision):
+        return
+    try:
+        from qasr.export.precision import derive_bundle
+    except ImportError:
+        raise EngineError(f"{bundle.path}: {precision} graphs are derived from the fp32 ones with onnx: "
+                          'pip install "qwen3-asr-edge[gpu]", or derive them elsewhere with '
+                          f"`qasr build {bundle.path} --precision {precision} --graphs-only`") from None
+    out = derived_dir(bundle, precision)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with locked(out.parent / f".{precision}.lock", progress, f"another process is deriving {out}"):
+            if not derived_is_current(bundle, precision):
+                progress(f"first use of {precision} on the GPU: deriving its graphs into {out}; once")
+                derive_bundle(bundle, precision, progress=lambda line: None)
+    except PermissionError:
+        raise EngineError(f"{bundle.path}: not writable, so its {precision} graphs cannot be derived here; "
+                          f"run `qasr build {bundle.path} --precision {precision} --graphs-only` where it is") from None
+
+
+def quiet_onnxruntime() -> None:
+    """ONNX Runtime's process-wide logger at LOG_LEVEL; its CUDA libraries found in pip's nvidia
+    packages where they are installed (onnxruntime-gpu's preload_dlls, 1.21 and later)."""
+    ort.set_default_logger_severity(LOG_LEVEL)
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()
+
+
 class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
     name = "onnxruntime-cuda"
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", provider: str = "cuda", device: str = "cuda",
                  device_id: int = 0, threads: int | None = None):
-        if precision not in ("fp32", "fp16"):
-            raise UsageError(f"onnxruntime-cuda runs fp32 or fp16 graphs, not {precision} (bf16 is for TensorRT)")
+        if precision not in PRECISIONS[1:]:
+            raise UsageError(f"onnxruntime-cuda runs fp32, fp16 or bf16 graphs, not {precision}")
+        if precision != "fp32" and bundle.manifest.get("weights"):
+            raise UsageError(f"{bundle.path}: {bundle.manifest['precision']} weights run as they are "
+                             f"(--precision fp32); {precision} graphs are derived from an fp32 bundle")
+        self.precision = precision
         self.graphs = bundle.manifest["graphs"] if precision == "fp32" else derived_graphs(bundle, precision)
         self.graph_dir = bundle.path if precision == "fp32" else derived_dir(bundle, precision)
         self.device, self.device_id = device, device_id
@@ -74,11 +143,12 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
             if not cuda_provider_available():
                 raise EngineError("onnxruntime-gpu with the CUDA execution provider is not installed "
                                   "(pip install onnxruntime-gpu, and uninstall onnxruntime)")
+            quiet_onnxruntime()
             self.cuda = Cuda()
             self.stream = self.cuda.stream()
         super().__init__(bundle, threads=threads, providers=self._providers(bundle, provider, precision))
-        self.cache_type = NUMPY_TYPES[self.graphs["decoder"]["inputs"]["past_key_0"]["dtype"]] \
-            if "decoder" in self.graphs else np.float32
+        cache = self.graphs["decoder"]["inputs"]["past_key_0"]["dtype"] if "decoder" in self.graphs else "float32"
+        self.cache_type, self.itemsize = CACHE_TYPES[cache]
         self.cache_value: Any = None
         self.device_steps: dict[int, DeviceCall] = {}
         self.last_device: Any = None
@@ -99,18 +169,26 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         path = self.graph_dir / self.graphs[name]["file"]
         if not path.is_file():
             raise BundleError(f"{path}: missing")
+        self.options.log_severity_level = LOG_LEVEL
         try:
-            return ort.InferenceSession(str(path), self.options, providers=self.providers)
+            session = ort.InferenceSession(str(path), self.options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types, all with a message
-            raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+            raise BundleError(f"{path}: ONNX Runtime {ort.__version__} cannot load it on "
+                              f"{self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]}"
+                              f" ({str(exc).splitlines()[0]})") from None
+        if self.device == "cuda" and PROVIDERS["cuda"] not in session.get_providers():
+            raise EngineError("onnxruntime-gpu could not start its CUDA provider (its CUDA 13 and cuDNN 9 "
+                              "libraries were not found: pip install \"qwen3-asr-edge[gpu]\", or set "
+                              "LD_LIBRARY_PATH); rerun with QASR_ORT_LOG_LEVEL=1 for ONNX Runtime's reasons")
+        return session
 
-    def _zeros(self, shape: tuple[int, ...], dtype: Any) -> tuple[ort.OrtValue, np.ndarray | None]:
+    def _zeros(self, shape: tuple[int, ...], dtype: Any, itemsize: int = 4) -> tuple[ort.OrtValue, np.ndarray | None]:
         """A zero-filled OrtValue on the device (with its numpy array when the device is the CPU)."""
         if self.device == "cpu":
             array = np.zeros(shape, dtype=dtype)
             return ort.OrtValue.ortvalue_from_numpy(array), array
         value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
-        self.cuda.zero(value.data_ptr(), int(np.prod(shape)) * np.dtype(dtype).itemsize, self.stream)
+        self.cuda.zero(value.data_ptr(), int(np.prod(shape)) * itemsize, self.stream)
         self.cuda.sync(self.stream)
         return value, None
 
@@ -121,7 +199,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         old, old_array = self.cache_value, self.cache
         if old is not None and tuple(old.shape()) == shape:
             return
-        self.cache_value, self.cache = self._zeros(shape, self.cache_type)
+        self.cache_value, self.cache = self._zeros(shape, self.cache_type, self.itemsize)
         self.steps, self.device_steps = {}, {}
         if not keep or old is None:
             return
@@ -129,7 +207,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         if self.cache is not None and old_array is not None:
             self.cache[:, :, :, :, :kept] = old_array[:, :, :, :, :kept]
             return
-        itemsize = np.dtype(self.cache_type).itemsize
+        itemsize = self.itemsize
         offset, pitch, _, width, height = row_copy(shape, shape[:4] + (kept, dim), 0, itemsize)
         self.cuda.write_rows(self.cache_value.data_ptr(), old.data_ptr(),
                              (offset, pitch, old.shape()[4] * dim * itemsize, width, height), self.stream)
@@ -139,17 +217,23 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
     def reserved(self) -> int:
         return 0 if self.cache_value is None else int(self.cache_value.shape()[4])
 
+    def _input(self, array: np.ndarray) -> ort.OrtValue:
+        """A copy of `array` on the device: later writes to `array` never reach it (update it with
+        `update_inplace`). On the CPU device too, so that the CPU tests bind as CUDA does."""
+        return ort.OrtValue.ortvalue_from_numpy(np.array(array, copy=True), self.device, self.device_id)
+
     def _device_call(self, ids: np.ndarray, audio: ort.OrtValue, positions: np.ndarray, starts: np.ndarray) -> DeviceCall:
-        """ids, positions and starts stay host arrays (ORT copies their bytes in); the rest is on the device."""
+        """Every input but the cache is a value of the call's own; logits and new K/V rows stay on the device."""
         layers, two, _, heads, _, dim = self.cache_shape
         batch, new = ids.shape
         vocab = self.graphs["decoder"]["outputs"]["logits"]["shape"][1]
-        call = DeviceCall(ids, starts, positions, np.zeros(batch, dtype=np.int64), self._zeros((batch, vocab), np.float32)[0],
-                          self._zeros((batch, layers, two, heads, new, dim), self.cache_type),
+        inputs = {name: self._input(array) for name, array in zip(STEP_INPUTS, (ids, positions, starts))}
+        call = DeviceCall(inputs, np.zeros(batch, dtype=np.int64), self._zeros((batch, vocab), np.float32)[0],
+                          self._zeros((batch, layers, two, heads, new, dim), self.cache_type, self.itemsize),
                           self.sessions["decoder"].io_binding())
         binding = call.binding
-        for name, array in (("input_ids", ids), ("position", positions), ("cache_start", starts)):
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
         binding.bind_ortvalue_input("audio_embeds", audio)
         self._bind_cache(binding)
         binding.bind_ortvalue_output("next_token", ort.OrtValue.ortvalue_from_numpy(call.next_token))
@@ -160,7 +244,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
     def _bind_cache(self, binding: ort.IOBinding) -> None:
         """Each layer's K and V: a contiguous block of the one cache allocation, bound in place."""
         layers, two, *layer_shape = self.cache_value.shape()
-        block = int(np.prod(layer_shape)) * np.dtype(self.cache_type).itemsize
+        block = int(np.prod(layer_shape)) * self.itemsize
         for i, name in enumerate(cache_names(layers)):
             if self.cache is not None:
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self.cache[i // 2, i % 2]))
@@ -190,7 +274,10 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
             self.device_steps[batch] = self._device_call(np.zeros((batch, 1), dtype=np.int64), audio,
                                                          np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64))
         call = self.device_steps[batch]
-        call.ids[:, 0], call.starts[:], call.positions[:] = ids, starts, positions
+        feeds = (np.asarray(ids, dtype=np.int64).reshape(batch, 1), np.asarray(positions, dtype=np.int64),
+                 np.asarray(starts, dtype=np.int64))
+        for name, array in zip(STEP_INPUTS, feeds):
+            call.inputs[name].update_inplace(np.ascontiguousarray(array))
         self.sessions["decoder"].run_with_iobinding(call.binding)
         for b, row in enumerate(rows):
             self._write_rows(call.rows, b, int(row))
@@ -205,7 +292,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
             self.cache[:, :, 0, :, cache_row : cache_row + array.shape[4]] = array[batch_row]
             return
         _, layers, two, heads, new, dim = value.shape()
-        itemsize = np.dtype(self.cache_type).itemsize
+        itemsize = self.itemsize
         geometry = row_copy(tuple(self.cache_value.shape()), (layers, two, 1, heads, new, dim), cache_row, itemsize)
         source = value.data_ptr() + batch_row * layers * two * heads * new * dim * itemsize
         self.cuda.write_rows(self.cache_value.data_ptr(), source, geometry, self.stream)
@@ -220,11 +307,10 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
 
 @dataclass
 class DeviceCall:
-    """A bound decoder call: host ids and positions, device logits and new K/V rows."""
+    """A bound decoder call: its own input values (ids, positions, cache starts), the greedy ids on
+    the host, logits and new K/V rows on the device."""
 
-    ids: np.ndarray
-    starts: np.ndarray
-    positions: np.ndarray
+    inputs: dict[str, ort.OrtValue]
     next_token: np.ndarray
     logits: ort.OrtValue
     rows: tuple[ort.OrtValue, np.ndarray | None]

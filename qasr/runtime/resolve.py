@@ -120,7 +120,7 @@ def cached_export(checkpoint: Path, weights: str = "fp32", progress: Progress = 
     entry = root / f"{digest[:16]}-{precision}"
     if _entry_problem(entry, digest, precision) is None:
         return entry
-    with _locked(root / f".{entry.name}.lock", progress, f"another process is preparing {entry.name}"):
+    with locked(root / f".{entry.name}.lock", progress, f"another process is preparing {entry.name}"):
         problem = _entry_problem(entry, digest, precision)  # the other process may have made it meanwhile
         if problem is None:
             return entry
@@ -174,7 +174,7 @@ def _entry_problem(entry: Path, digest: str, weights: str) -> str | None:
 
 
 @contextmanager
-def _locked(path: Path, progress: Progress, waiting: str) -> Iterator[None]:
+def locked(path: Path, progress: Progress, waiting: str) -> Iterator[None]:
     """An exclusive lock on `path` (released by the kernel if the holder dies), saying so while waiting."""
     with open(path, "a") as handle:
         try:

@@ -197,11 +197,14 @@ def output_allocator(cuda: Cuda) -> Any:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, precision: str = "auto"):
         self.bundle = bundle
         version = tensorrt_version()
-        self.cuda = Cuda()
         self.record = load_record(bundle)
+        if precision not in ("auto", self.record.get("precision")):
+            raise EngineError(f"{bundle.path / ENGINES}: the engines are {self.record.get('precision')}, not {precision}; "
+                              f"{rebuild_hint(bundle, {**self.record, 'precision': precision})}")
+        self.cuda = Cuda()
         check_record(self.record, bundle, {"tensorrt": version, **self.cuda.device()})
         import tensorrt as trt
 

@@ -58,11 +58,12 @@ class Transcriber:
 
     @classmethod
     def load(cls, model: str | Path = DEFAULT_MODEL, backend: str = "auto", threads: int | None = None,
-             weights: str = "fp32") -> Transcriber:
+             weights: str = "fp32", precision: str = "auto") -> Transcriber:
         """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`);
-        a checkpoint is exported to a bundle at `weights` once, on first use, and cached."""
+        a checkpoint is exported to a bundle at `weights` once, on first use, and cached.
+        `precision` is the GPU's compute type (auto, fp32, fp16, bf16; see open_backend)."""
         loaded = Bundle.load(resolve_model(model, "asr", weights))
-        return cls(loaded, open_backend(loaded, backend, threads))
+        return cls(loaded, open_backend(loaded, backend, threads, precision))
 
     @property
     def languages(self) -> list[str]:

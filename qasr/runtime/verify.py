@@ -142,9 +142,10 @@ class Report:
 
 
 def verify(bundle: str, audios: list, reference: str | None = None, backend: str = "auto",
-           threads: int | None = None, max_new_tokens: int | None = None) -> Report:
-    """Run `bundle` (on `backend`) and its fp32 reference (ONNX Runtime, CPU) on every clip."""
-    model = Transcriber.load(bundle, backend=backend, threads=threads)
+           threads: int | None = None, max_new_tokens: int | None = None, precision: str = "auto") -> Report:
+    """Run `bundle` (on `backend`, at `precision` on a GPU) and its fp32 reference (ONNX Runtime, CPU) on
+    every clip."""
+    model = Transcriber.load(bundle, backend=backend, threads=threads, precision=precision)
     ref_path = reference or model.bundle.manifest.get("reference")
     if not ref_path:
         raise UsageError(f"{model.bundle.path}: records no fp32 bundle it came from; give --reference "
@@ -176,7 +177,7 @@ def stage_precisions(model: Transcriber) -> dict[str, str]:
     """The precision each stage is judged at: its graphs' weights, or the engines' type if lossier."""
     weights = {name: f"int{entry['bits']}" for name, entry in model.bundle.manifest.get("weights", {}).items()}
     record = getattr(model.backend, "record", {})  # TensorRT engines: their precision and weights
-    engines = record.get("precision", "fp32")
+    engines = str(record.get("precision") or getattr(model.backend, "precision", "fp32"))  # or ORT CUDA's graphs
 
     def lossiest(*kinds: str) -> str:
         return max(kinds, key=ORDER.index)

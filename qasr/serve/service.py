@@ -46,6 +46,7 @@ class Options:
     aligner: str | None = None
     backend: str = "auto"
     threads: int | None = None
+    precision: str = "auto"
     api_key: str | None = None
     max_upload_mb: float = 100.0
     max_queue: int = 16
@@ -231,8 +232,9 @@ class Service:
         o = self.options
         started = time.perf_counter()
         try:
-            model = Transcriber.load(o.model, backend=o.backend, threads=o.threads)
-            aligner = Aligner.load(o.aligner, backend=o.backend, threads=o.threads) if o.aligner else None
+            model = Transcriber.load(o.model, backend=o.backend, threads=o.threads, precision=o.precision)
+            aligner = (Aligner.load(o.aligner, backend=o.backend, threads=o.threads, precision=o.precision)
+                       if o.aligner else None)
             # One second of silence through every graph: lazily loaded sessions (the decoder loads
             # in the background) are in memory before /health says ready.
             silence = np.zeros(SAMPLE_RATE, dtype=np.float32)

@@ -1,0 +1,163 @@
+"""ONNX Runtime's CUDA provider: the onnxruntime-cuda backend against ONNX Runtime on the CPU.
+
+The GPU tests (`pytest -m gpu`) need onnxruntime-gpu, cuda-python and a CUDA device, never the
+official package: they compare two of the project's own paths, so they run on a GPU machine where
+the oracle is not installed. Elsewhere they skip with the reason. The first test runs everywhere:
+the backend's binding logic on the CPU device, which copies each input when it is bound, as the
+CUDA provider does, so a decode step that writes into a stale host array fails here too.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from parity import AUDIO, check_batch, check_parity
+from qasr.errors import BundleError, EngineError
+from qasr.runtime.align import Aligner
+from qasr.runtime.bundle import Bundle
+from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend
+from qasr.runtime.transcribe import Transcriber
+
+
+def test_binding_on_the_cpu_device_steps_like_onnxruntime(bundle, speech):
+    """The batch path (shared cache, per-row writes, inputs refreshed every step) on the CPU device."""
+    loaded = Bundle.load(bundle("tiny"))
+    check_batch(OnnxRuntimeCudaBackend(loaded, device="cpu"), OnnxRuntimeBackend(loaded), speech)
+    check_parity(OnnxRuntimeCudaBackend(loaded, device="cpu"), OnnxRuntimeBackend(loaded), speech, True, 1e-5)
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """Skip, with the reason, unless onnxruntime-gpu's CUDA provider and a CUDA device are here."""
+    from qasr.runtime.cuda import Cuda
+    from qasr.runtime.onnxruntime_cuda import cuda_provider_available
+
+    if not cuda_provider_available():
+        pytest.skip("onnxruntime-gpu is not installed (no CUDA execution provider)")
+    try:
+        Cuda()
+    except EngineError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture
+def clip(speech, tmp_path):
+    """clip(seconds, start=0) -> a wav file of that much speech."""
+
+    def write(seconds: float, start: int = 0):
+        path = tmp_path / f"speech-{seconds:g}-{start}.wav"
+        sf.write(path, speech(seconds, start=start), 16000)
+        return path
+
+    return write
+
+
+def own_copy(bundle, preset: str, tmp_path) -> Bundle:
+    """A private copy of a bundle, for tests that derive graphs into it."""
+    path = tmp_path / preset
+    shutil.copytree(bundle(preset), path)
+    return Bundle.load(path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mqa"])
+def test_fp32_ids_equal_onnxruntime_on_the_cpu(gpu, bundle, speech, preset):
+    loaded = Bundle.load(bundle(preset))
+    check_parity(OnnxRuntimeCudaBackend(loaded), OnnxRuntimeBackend(loaded), speech, True, 1e-3)
+    on_gpu = Transcriber(loaded, OnnxRuntimeCudaBackend(loaded, precision="fp32"))
+    on_cpu = Transcriber(loaded, OnnxRuntimeBackend(loaded))
+    for seconds, start in ((3.0, 0), (11.0, 1), (34.0, 0)):
+        wave = (speech(seconds, start=start), 16000)
+        assert on_gpu.transcribe(wave).token_ids == on_cpu.transcribe(wave).token_ids, seconds
+
+
+@pytest.mark.gpu
+def test_the_batch_engine_on_the_gpu_equals_one_at_a_time(gpu, bundle, speech):
+    loaded = Bundle.load(bundle("tiny"))
+    check_batch(OnnxRuntimeCudaBackend(loaded, precision="fp32"), OnnxRuntimeBackend(loaded), speech)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_precision_passes_verify(gpu, bundle, clip, tmp_path, precision):
+    """fp16 (and bf16 where the CUDA provider has the kernels) within verify's limits for it, the
+    graphs derived on first use and kept in the bundle."""
+    from qasr.runtime.verify import verify
+
+    loaded = own_copy(bundle, "tiny", tmp_path)
+    audio = [clip(7.0), clip(19.0, start=1)]
+    try:
+        report = verify(str(loaded.path), audio, reference=str(loaded.path), backend="onnxruntime-cuda",
+                        precision=precision)
+    except (BundleError, EngineError) as error:
+        if precision == "bf16" and "bf16" in str(error):
+            pytest.skip(f"the CUDA provider does not run the bf16 graphs: {error}")
+        raise
+    assert report.precision["decoder"] == precision
+    assert report.shortfall() is None, report.to_text()
+    assert (loaded.path / "derived" / precision / "graphs.json").is_file()
+
+
+@pytest.mark.gpu
+def test_a_stream_on_the_gpu_equals_the_stream_on_the_cpu(gpu, bundle, speech):
+    loaded = Bundle.load(bundle("tiny"))
+    wave = np.concatenate([speech(9.0), np.zeros(8000, dtype=np.float32), speech(13.0, start=1)])
+    runs = []
+    for backend in (OnnxRuntimeCudaBackend(loaded, precision="fp32"), OnnxRuntimeBackend(loaded)):
+        stream = Transcriber(loaded, backend).stream(max_new_tokens=12, segment_seconds=10)
+        events = [e for start in range(0, len(wave), 12000) for e in stream.feed(wave[start : start + 12000])]
+        runs.append([(e.chunk, e.text, e.committed) for e in events + stream.finish()])
+    assert runs[0] == runs[1]
+    assert len(runs[0]) >= 10
+
+
+@pytest.mark.gpu
+def test_the_aligner_on_the_gpu_equals_the_cpu(gpu, bundle, clip):
+    loaded = Bundle.load(bundle("tiny-aligner"))
+    stamp = loaded.tokens["timestamp"]
+    ids = np.array([[151669] + [AUDIO] * 20 + [151670, 100, stamp, stamp, 200, stamp, stamp]], dtype=np.int64)
+    embeds = np.random.default_rng(1).standard_normal((1, 20, loaded.model["text"]["hidden_size"])).astype(np.float32)
+    classes, logits = OnnxRuntimeBackend(loaded).align(ids, embeds)
+    got_classes, got_logits = OnnxRuntimeCudaBackend(loaded, precision="fp32").align(ids, embeds)
+    assert np.array_equal(got_classes, classes)
+    assert min(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) for a, b in zip(got_logits, logits)) >= 0.9999
+    text = "The quick brown fox jumps over the lazy dog."
+    words = [Aligner(loaded, b).align(str(clip(6.0)), text, "English")
+             for b in (OnnxRuntimeCudaBackend(loaded, precision="fp32"), OnnxRuntimeBackend(loaded))]
+    assert words[0] == words[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_qasr_verify_on_onnxruntime_cuda_passes(gpu, bundle, clip, tmp_path, capsys, precision):
+    from qasr.cli import main
+
+    loaded = own_copy(bundle, "tiny", tmp_path)
+    args = ["verify", str(loaded.path), str(clip(9.0)), "--reference", str(loaded.path),
+            "--backend", "onnxruntime-cuda", "--precision", precision]
+    assert main(args) == 0, capsys.readouterr()
+    out = capsys.readouterr()
+    assert "within the limits" in out.out and out.err == ""
+
+
+@pytest.mark.gpu
+def test_qasr_transcribe_on_onnxruntime_cuda_gives_the_cpu_s_ids(gpu, bundle, clip, capsys):
+    """fp32 graphs on the GPU: the very ids of the CPU, and nothing from ONNX Runtime on stderr."""
+    import json
+
+    from qasr.cli import main
+
+    audio = str(clip(12.0, start=1))
+    results = []
+    for backend in ("onnxruntime-cuda", "onnxruntime"):
+        assert main(["transcribe", audio, "--model", str(bundle("tiny")), "--backend", backend, "--precision",
+                     "fp32", "--format", "json"]) == 0
+        out = capsys.readouterr()
+        results.append(json.loads(out.out)["token_ids"])
+        assert all(line.startswith("qasr: warning: ") for line in out.err.splitlines()), out.err
+    assert results[0] == results[1]
