@@ -34,7 +34,7 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 DEFAULT_CACHE = Path(os.environ.get("QASR_BENCH_CACHE", "~/.cache/qasr-bench")).expanduser()
 SYSTEMS = ("official-fp32", "official-bf16", "qasr-onnxruntime")
 TOKENS_PER_SECOND = 3  # forced generation length: a moderate speech rate
-# Peak DRAM bandwidth of the devices the bf16 engines target (GB/s; NOTES-tensorrt.md section 6).
+# Peak DRAM bandwidth of the devices the bf16 engines target (GB/s, from NVIDIA's data sheets).
 DEVICES = {"Jetson Orin Nano 8 GB": 68, "Jetson AGX Orin": 204.8, "RTX 4090": 1008, "H100 SXM": 3350}
 
 

@@ -55,7 +55,7 @@ def test_mel_filters_match_librosa_and_transformers():
     transformers = pytest.importorskip("transformers")
     np.testing.assert_allclose(mel_filters(), librosa_filters(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(mel_filters(), feature_extractor().mel_filters.T, rtol=0, atol=1e-12)
-    assert transformers.__version__ == "4.57.6"  # the version SPEC section 3.2 was read from
+    assert transformers.__version__ == "4.57.6"  # the version these filters were read from
 
 
 def test_official_path_is_torch_and_gives_n_over_160_frames():

@@ -1,8 +1,8 @@
 """The ASR prompt the model was trained on, and the parser of what it writes back.
 
-The prompt is the official chat template rendered for one audio clip (SPEC section 7.2); the
+The prompt is the official chat template rendered for one audio clip; the
 parser turns `language English<asr_text>Hello.` into ("English", "Hello.") with the official
-repetition clean-up first (section 7.3). Both follow qwen-asr 0.0.6 exactly; the tests check them
+repetition clean-up first. Both follow qwen-asr 0.0.6 exactly; the tests check them
 against it.
 """
 

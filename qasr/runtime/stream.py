@@ -1,6 +1,6 @@
 """Streaming recognition: live audio in, the transcript so far out after every chunk.
 
-The policy is the official one (qwen-asr `streaming_transcribe`, SPEC section 10), step for step:
+The policy is the official one (qwen-asr 0.0.6 `streaming_transcribe`; docs/streaming.md), step for step:
 every `chunk_seconds` of audio the model re-reads all the audio so far, with the prompt
 `prompt_raw + prefix`, where the prefix is the previous raw output re-tokenised minus its last
 `unfixed_tokens` ids (none for the first `unfixed_chunks` chunks; backed off past a broken UTF-8

@@ -2,9 +2,9 @@
 
 The aligner times "units": words for space-separated languages, single ideographs for Chinese,
 nagisa words for Japanese and soynlp words for Korean, with everything but letters, digits and
-the apostrophe removed (SPEC section 9.1). After each unit come two `<timestamp>` slots whose
+the apostrophe removed. After each unit come two `<timestamp>` slots whose
 predicted classes x 80 ms are its start and end; the sequence is repaired into a non-decreasing
-one (section 9.5). All of it follows qwen-asr 0.0.6 `Qwen3ForceAlignProcessor` exactly.
+one. All of it follows qwen-asr 0.0.6 `Qwen3ForceAlignProcessor` exactly.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ class Limits:
     cer: float
 
 
-# fp32 elsewhere (CUDA, TensorRT fp32): summation order only. bf16/fp16: DESIGN.md's tier 4.
+# fp32 elsewhere (CUDA, TensorRT fp32): summation order only. bf16/fp16: the derived graphs of
+# docs/tensorrt.md (fp32 islands), checked by tests/test_gpu.py.
 # int8/int4: see docs/benchmarks.md ("Quantized weights"); measured on random weights, pessimistic.
 LIMITS = {
     "fp32": Limits(1e-3, 0.9999, 0.9999, 0.99, 0.95, 0.05),
