@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from qasr.memory import peak_rss_gb
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -138,29 +139,6 @@ def _run_worker(args) -> dict:
     result["cold_start"] = result.pop("first_token_at") - spawned
     result["peak_rss_gb"] = peak_rss_gb()
     return result
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory. On Linux the high-water mark of its own address space
-    (VmHWM): ru_maxrss also carries the parent's peak across fork and exec, so a worker spawned
-    after the parent exported a bundle would report the export's 20 GB."""
-    peak = status_kb("VmHWM")
-    return peak / 1e6 if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-
-
-def rss_gb() -> float:
-    """This process's resident memory now (VmRSS): what a long stream must keep flat."""
-    now = status_kb("VmRSS")
-    return now / 1e6 if now is not None else float("nan")
-
-
-def status_kb(field: str) -> int | None:
-    """One kB field of /proc/self/status (VmRSS, VmHWM), or None where /proc has no such field."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
-    except (OSError, StopIteration):
-        return None
 
 
 def _qasr_worker(args) -> dict:

@@ -39,7 +39,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_batch import BUNDLES, CACHE, ensure_bundle, precision  # noqa: E402
-from qasr.bench import DOC, machine, measure_bandwidth, rss_gb, write_section  # noqa: E402
+from qasr.bench import DOC, machine, measure_bandwidth, write_section  # noqa: E402
+from qasr.memory import rss_gb  # noqa: E402
 from qasr.runtime.audio import SAMPLE_RATE  # noqa: E402
 from qasr.runtime.decode import greedy_decode  # noqa: E402
 from qasr.runtime.embed import embed_audio  # noqa: E402

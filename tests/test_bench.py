@@ -50,7 +50,7 @@ def test_resident_memory_now_and_at_its_peak():
     allocator history (pages freed earlier and reused) and no other thread of the test run can move
     resident memory between the two readings."""
     probe = (
-        "import mmap; from qasr.bench import peak_rss_gb, rss_gb\n"
+        "import mmap; from qasr.memory import peak_rss_gb, rss_gb\n"
         "before = rss_gb(); block = mmap.mmap(-1, 64 * 2**20)\n"
         "for at in range(0, len(block), 4096): block[at] = 1\n"
         "during = rss_gb(); print(before, during, peak_rss_gb())\n"

@@ -14,7 +14,6 @@ says so in one line. This module itself imports neither.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +24,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from qasr.errors import BundleError, CheckpointError, QasrError, UsageError
 from qasr.models.config import INDEX_FILE, SINGLE_FILE, load_config
@@ -175,17 +176,18 @@ def _entry_problem(entry: Path, digest: str, weights: str) -> str | None:
 
 @contextmanager
 def locked(path: Path, progress: Progress, waiting: str) -> Iterator[None]:
-    """An exclusive lock on `path` (released by the kernel if the holder dies), saying so while waiting."""
-    with open(path, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress(f"{waiting}; waiting for it")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """An exclusive lock on `path`, saying so while waiting. filelock takes flock on Unix and
+    msvcrt's lock on Windows; either is released by the operating system if the holder dies."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        progress(f"{waiting}; waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def checkpoint_digest(checkpoint: Path) -> str:

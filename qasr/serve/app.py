@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from qasr.bench import status_kb
+from qasr.memory import status_kb
 from qasr.serve import openai_api
 from qasr.serve.openai_api import ApiError
 from qasr.serve.service import Service
