@@ -8,11 +8,11 @@ shape without loading it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qasr.errors import CheckpointError
+from qasr.jsonfile import read_json
 from qasr.runtime.windows import CHUNK_FRAMES, TOKENS_PER_CHUNK
 
 ASR_MODEL_TYPE = "qwen3_asr"
@@ -125,11 +125,7 @@ def load_config(checkpoint: str | Path) -> ModelConfig:
     path = Path(checkpoint) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (not a Qwen3-ASR checkpoint directory?)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    return parse_config(raw, str(path))
+    return parse_config(read_json(path, CheckpointError), str(path))
 
 
 def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:

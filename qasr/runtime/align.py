@@ -7,25 +7,23 @@ aligner graph gives a time class per slot (x 80 ms), repaired into a non-decreas
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from qasr.errors import BundleError, UsageError
+from qasr.errors import UsageError
 from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path
-from qasr.runtime.backend import Backend, open_backend
+from qasr.runtime.backend import Backend
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.resolve import DEFAULT_ALIGNER, resolve_model
+from qasr.runtime.resolve import DEFAULT_ALIGNER
 from qasr.runtime.embed import embed_audio
+from qasr.runtime.loaded import LoadedModel
 from qasr.runtime.formats import Word
 from qasr.runtime.prompt import check_language
 from qasr.runtime.timestamps import aligner_ids, split_units, unit_times
-from qasr.runtime.tokenizer import Tokenizer
 
 MAX_SECONDS = 180  # the official split length when timestamps are asked for
 
 
-class Aligner:
+class Aligner(LoadedModel):
     """A loaded aligner bundle on one backend.
 
     >>> aligner = Aligner.load()  # Qwen/Qwen3-ForcedAligner-0.6B; or a bundle, a checkpoint dir, a hub id
@@ -33,27 +31,11 @@ class Aligner:
     [Word(text='Hello', start=0.32, end=0.64), Word(text='world', start=0.72, end=1.12)]
     """
 
+    kind, default = "aligner", DEFAULT_ALIGNER
+
     def __init__(self, bundle: Bundle, backend: Backend):
-        if bundle.kind != "aligner":
-            raise BundleError(f"{bundle.path}: a speech recognition bundle, not a forced aligner")
-        self.bundle = bundle
-        self.backend = backend
-        self.tokenizer = Tokenizer.from_dir(bundle.path)
-        self.window_frames = int(bundle.manifest["audio"]["window_frames"])
+        super().__init__(bundle, backend)
         self.segment_ms = float(bundle.manifest["aligner"]["segment_ms"])
-
-    @classmethod
-    def load(cls, model: str | Path = DEFAULT_ALIGNER, backend: str = "auto", threads: int | None = None,
-             weights: str = "fp32", precision: str = "auto") -> Aligner:
-        """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`);
-        a checkpoint is exported to a bundle at `weights` once, on first use, and cached.
-        `precision` is the GPU's compute type (auto, fp32, fp16, bf16; see open_backend)."""
-        loaded = Bundle.load(resolve_model(model, "aligner", weights))
-        return cls(loaded, open_backend(loaded, backend, threads, precision))
-
-    @property
-    def languages(self) -> list[str]:
-        return self.bundle.languages
 
     def align(self, audio, text: str, language: str, sample_rate: int | None = None) -> list[Word]:
         """Times of each unit of `text` in `audio` (up to 180 s; longer audio: transcribe --timestamps)."""

@@ -8,7 +8,6 @@ refused with one line that says how to re-export.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qasr.errors import BundleError
+from qasr.jsonfile import read_json
 
 MANIFEST = "manifest.json"
 FORMAT = "qasr-bundle"
@@ -55,10 +55,7 @@ class Bundle:
         if not file.is_file():
             hint = " (a checkpoint? run `qasr export` on it first)" if (path / "config.json").is_file() else ""
             raise BundleError(f"{path}: no {MANIFEST}, not a qasr bundle{hint}")
-        try:
-            manifest = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BundleError(f"{file}: not valid JSON ({exc})") from None
+        manifest = read_json(file, BundleError)
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
             raise BundleError(
                 f"{file}: bundle format {manifest.get('format')!r} v{manifest.get('format_version')} is not "

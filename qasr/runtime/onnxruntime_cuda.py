@@ -21,7 +21,6 @@ how the binding and the derived fp16 graphs are checked on a machine without a G
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qasr.errors import BundleError, EngineError, UsageError
+from qasr.jsonfile import read_json, read_record
 from qasr.runtime.bundle import Bundle, cache_names
 from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from qasr.runtime.resolve import locked
@@ -58,11 +58,7 @@ def derived_dir(bundle: Bundle, precision: str) -> Path:
 
 def derived_is_current(bundle: Bundle, precision: str) -> bool:
     """True when BUNDLE/derived/<precision> was derived from this bundle's checkpoint."""
-    file = derived_dir(bundle, precision) / RECORD
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+    record = read_record(derived_dir(bundle, precision) / RECORD) or {}
     return record.get("source_sha256") == bundle.manifest["source"]["sha256"]
 
 
@@ -71,7 +67,7 @@ def derived_graphs(bundle: Bundle, precision: str) -> dict:
     if not derived_is_current(bundle, precision):
         raise BundleError(f"{derived_dir(bundle, precision)}: no current {precision} graphs; derive them with "
                           f"`qasr build {bundle.path} --precision {precision} --graphs-only`")
-    return json.loads((derived_dir(bundle, precision) / RECORD).read_text(encoding="utf-8"))["graphs"]
+    return read_json(derived_dir(bundle, precision) / RECORD, BundleError)["graphs"]
 
 
 def cuda_provider_available() -> bool:

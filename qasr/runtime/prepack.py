@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from qasr.jsonfile import read_record
 from qasr.runtime.bundle import Bundle, staged
 
 PREPACKED = "prepacked"
@@ -46,9 +47,8 @@ def machine() -> dict[str, str]:
 def prepacked_graph(bundle: Bundle, name: str) -> Path | None:
     """The prepacked copy of graph `name`, when one was made on this kind of machine for this bundle."""
     folder = bundle.path / PREPACKED
-    try:
-        record = json.loads((folder / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    record = read_record(folder / RECORD)
+    if record is None:
         return None
     current = record.get("machine") == machine() and record.get("source_sha256") == _bundle_key(bundle)
     path = folder / bundle.manifest["graphs"][name]["file"]

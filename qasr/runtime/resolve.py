@@ -28,6 +28,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from qasr.errors import BundleError, CheckpointError, QasrError, UsageError
+from qasr.jsonfile import read_record
 from qasr.models.config import INDEX_FILE, SINGLE_FILE, load_config
 from qasr.runtime.bundle import MANIFEST, Bundle
 
@@ -158,9 +159,8 @@ def _entry_problem(entry: Path, digest: str, weights: str) -> str | None:
     """None for a complete entry of this checkpoint and precision, else what is wrong with it."""
     if not entry.exists():
         return "missing"
-    try:
-        record = json.loads((entry / ENTRY_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    record = read_record(entry / ENTRY_RECORD)
+    if record is None:
         return "incomplete (its record of the export is missing or unreadable)"
     try:
         Bundle.load(entry)  # also refuses a bundle of another format version, which is then re-exported

@@ -19,13 +19,13 @@ set_input_shape, set_tensor_address, execute_async_v3, set_optimization_profile_
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qasr.errors import EngineError
+from qasr.jsonfile import read_json
 from qasr.runtime.backend import Backend
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.cuda import Cuda, row_copy
@@ -66,11 +66,7 @@ def load_record(bundle: Bundle) -> dict:
     file = bundle.path / ENGINES / RECORD
     if not file.is_file():
         raise EngineError(f"{bundle.path}: no TensorRT engines; build them with `qasr build {bundle.path}`")
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EngineError(f"{file}: not valid JSON ({exc}); {rebuild_hint(bundle)}") from None
-    return record
+    return read_json(file, EngineError, f"; {rebuild_hint(bundle)}")
 
 
 def check_record(record: dict, bundle: Bundle, here: dict) -> None:

@@ -15,21 +15,21 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from qasr.errors import BundleError, QasrError
+from qasr.errors import QasrError
 from qasr.runtime.align import MAX_SECONDS as ALIGN_SECONDS
 from qasr.runtime.align import Aligner
 from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path, split_long_audio
-from qasr.runtime.backend import Backend, open_backend
+from qasr.runtime.backend import Backend
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.resolve import DEFAULT_MODEL, resolve_model
+from qasr.runtime.resolve import DEFAULT_MODEL
 from qasr.runtime.batch import BatchDecoder, decode_alone
 from qasr.runtime.decode import Decoded, Sequence, token_budget
 from qasr.runtime.embed import add_time, embed_audio
 from qasr.runtime.formats import Transcript
+from qasr.runtime.loaded import LoadedModel
 from qasr.runtime.prompt import check_language, merge_languages, parse_output, prompt_ids
 from qasr.runtime.stream import MAX_NEW_TOKENS, SEGMENT_SECONDS, Stream
 from qasr.runtime.timestamps import split_units
@@ -38,36 +38,20 @@ from qasr.runtime.tokenizer import IncrementalDecoder, Tokenizer
 MAX_SECONDS = 1200  # the official one-pass limit; longer audio is split near each mark
 
 
-class Transcriber:
+class Transcriber(LoadedModel):
     """A loaded ASR bundle on one backend.
 
     >>> model = Transcriber.load()  # Qwen/Qwen3-ASR-0.6B; or a bundle, a checkpoint dir, a hub id
     >>> model.transcribe("meeting.wav", language="English").text
     """
 
+    kind, default = "asr", DEFAULT_MODEL
+
     def __init__(self, bundle: Bundle, backend: Backend):
-        if bundle.kind != "asr":
-            raise BundleError(f"{bundle.path}: a forced-aligner bundle, not a speech recognition model")
-        self.bundle = bundle
-        self.backend = backend
-        self.tokenizer = Tokenizer.from_dir(bundle.path)
+        super().__init__(bundle, backend)
         self.audio_token = int(bundle.tokens["audio"])
         self.eos_ids = tuple(bundle.tokens["eos"])
-        self.window_frames = int(bundle.manifest["audio"]["window_frames"])
         self._engine: BatchDecoder | None = None
-
-    @classmethod
-    def load(cls, model: str | Path = DEFAULT_MODEL, backend: str = "auto", threads: int | None = None,
-             weights: str = "fp32", precision: str = "auto") -> Transcriber:
-        """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`);
-        a checkpoint is exported to a bundle at `weights` once, on first use, and cached.
-        `precision` is the GPU's compute type (auto, fp32, fp16, bf16; see open_backend)."""
-        loaded = Bundle.load(resolve_model(model, "asr", weights))
-        return cls(loaded, open_backend(loaded, backend, threads, precision))
-
-    @property
-    def languages(self) -> list[str]:
-        return self.bundle.languages
 
     @property
     def engine(self) -> BatchDecoder:

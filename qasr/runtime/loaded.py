@@ -1,0 +1,47 @@
+"""A model ready to run: a bundle of one kind opened on one backend, with its tokenizer.
+
+`Transcriber` (speech recognition) and `Aligner` (forced alignment) are both this, each with its
+own pipeline on top; loading, the kind check and the languages are written here once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from qasr.errors import BundleError
+from qasr.runtime.backend import Backend, open_backend
+from qasr.runtime.bundle import Bundle
+from qasr.runtime.resolve import resolve_model
+from qasr.runtime.tokenizer import Tokenizer
+
+NAMES = {"asr": ("a speech recognition model", "a speech recognition bundle"),
+         "aligner": ("a forced aligner", "a forced-aligner bundle")}
+Loaded = TypeVar("Loaded", bound="LoadedModel")
+
+
+class LoadedModel:
+    kind: ClassVar[str]     # the bundle kind this class runs: "asr" or "aligner"
+    default: ClassVar[str]  # the model `load()` takes when none is named
+
+    def __init__(self, bundle: Bundle, backend: Backend):
+        if bundle.kind != self.kind:
+            raise BundleError(f"{bundle.path}: {NAMES[bundle.kind][1]}, not {NAMES[self.kind][0]}")
+        self.bundle = bundle
+        self.backend = backend
+        self.tokenizer = Tokenizer.from_dir(bundle.path)
+        self.window_frames = int(bundle.manifest["audio"]["window_frames"])
+
+    @classmethod
+    def load(cls: type[Loaded], model: str | Path | None = None, backend: str = "auto", threads: int | None = None,
+             weights: str = "fp32", precision: str = "auto") -> Loaded:
+        """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`),
+        by default the class's `default`; a checkpoint is exported to a bundle at `weights` once, on
+        first use, and cached. `precision` is the GPU's compute type (auto, fp32, fp16, bf16; see
+        open_backend)."""
+        loaded = Bundle.load(resolve_model(model or cls.default, cls.kind, weights))
+        return cls(loaded, open_backend(loaded, backend, threads, precision))
+
+    @property
+    def languages(self) -> list[str]:
+        return self.bundle.languages
