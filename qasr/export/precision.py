@@ -24,8 +24,6 @@ that overflows). Weights are converted one tensor at a time from the external da
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -38,8 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qasr import __version__
 from qasr.errors import BundleError
 from qasr.export.onnx_files import DATA_THRESHOLD, graph_contract, unalias_shared_weights
-from qasr.runtime.bundle import Bundle
-from qasr.runtime.onnxruntime_cuda import RECORD, derived_dir, derived_is_current
+from qasr.runtime.bundle import DERIVED_RECORD, Bundle, derived_dir, derived_is_current, staged
 
 FLOAT = TensorProto.FLOAT
 LOW_TYPES = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16, "fp32": FLOAT}
@@ -75,10 +72,8 @@ def derive_bundle(bundle: Bundle, precision: str, progress: Callable[[str], None
     out = derived_dir(bundle, name)
     if derived_is_current(bundle, name):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     layers = bundle.model["audio"]["encoder_layers"]
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}.") as tmp:
-        staging = Path(tmp)
+    with staged(out) as staging:
         contracts = {}
         for graph in bundle.manifest["graphs"]:
             int4 = weights == "int4" and graph in ("decoder", "aligner")
@@ -87,11 +82,7 @@ def derive_bundle(bundle: Bundle, precision: str, progress: Callable[[str], None
                                             layers if graph == "encoder" else 0, int4_weights=int4)
         record = {"precision": precision, "weights": weights, "dialect": "portable", "qasr_version": __version__,
                   "source_sha256": bundle.manifest["source"]["sha256"], "graphs": contracts}
-        (staging / RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-        staging.mkdir()
+        (staging / DERIVED_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return out
 
 

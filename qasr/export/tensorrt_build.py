@@ -26,11 +26,11 @@ from pathlib import Path
 from qasr import __version__
 from qasr.errors import EngineError
 from qasr.runtime.align import MAX_SECONDS as ALIGNER_SECONDS
-from qasr.runtime.bundle import Bundle
+from qasr.runtime.bundle import DERIVED_RECORD, ENGINES, ENGINES_RECORD, Bundle
 from qasr.runtime.decode import PREFILL_CHUNK, token_budget
 from qasr.runtime.embed import WINDOW_BATCH
 from qasr.runtime.cuda import Cuda
-from qasr.runtime.tensorrt_backend import CAPACITY_STEP, ENGINES, RECORD, RECORD_FORMAT, tensorrt_version
+from qasr.runtime.tensorrt_backend import CAPACITY_STEP, RECORD_FORMAT, tensorrt_version
 from qasr.runtime.windows import CHUNK_FRAMES, token_count, window_count
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     here = {"tensorrt": tensorrt_version(), **Cuda().device()}
     graphs = derive(bundle, args.precision, args.weights)
-    contracts = json.loads((graphs / "graphs.json").read_text(encoding="utf-8"))["graphs"]
+    contracts = json.loads((graphs / DERIVED_RECORD).read_text(encoding="utf-8"))["graphs"]
     plans = profiles(bundle.manifest, args.max_audio, args.max_batch)
     cache_file = args.timing_cache or bundle.path / ENGINES / TIMING_CACHE
     timing = cache_file.read_bytes() if cache_file.is_file() else b""
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                   "source_sha256": bundle.manifest["source"]["sha256"],
                   "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   "engines": engines}
-        (staging / RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        (staging / ENGINES_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
         (staging / TIMING_CACHE).write_bytes(timing)
         if args.timing_cache:
             args.timing_cache.write_bytes(timing)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from qasr.errors import EngineError, UsageError
-from qasr.runtime.bundle import Bundle
+from qasr.runtime.bundle import ENGINES, ENGINES_RECORD, Bundle
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cuda", "tensorrt")
 
@@ -101,9 +101,9 @@ def _say(line: str) -> None:
 
 
 def _tensorrt_usable(bundle: Bundle) -> bool:
-    from qasr.runtime.tensorrt_backend import ENGINES, RECORD, tensorrt_version
+    from qasr.runtime.tensorrt_backend import tensorrt_version
 
-    if not (bundle.path / ENGINES / RECORD).is_file():
+    if not (bundle.path / ENGINES / ENGINES_RECORD).is_file():
         return False
     try:
         tensorrt_version()  # tensorrt-stubs alone imports as an empty package

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qasr.errors import BundleError
-from qasr.jsonfile import read_json
+from qasr.jsonfile import read_json, read_record
 
 MANIFEST = "manifest.json"
 FORMAT = "qasr-bundle"
@@ -36,6 +36,22 @@ def staged(out: Path) -> Iterator[Path]:
             shutil.rmtree(out)
         staging.rename(out)
         staging.mkdir()  # TemporaryDirectory removes its (now empty) directory on exit
+
+
+# Folders that later steps add inside a bundle, each with a record written last (so a folder
+# without its record is unfinished work: qasr.jsonfile.read_record).
+DERIVED, DERIVED_RECORD = "derived", "graphs.json"  # graphs in another precision (qasr.export.precision)
+ENGINES, ENGINES_RECORD = "engines", "engines.json"  # TensorRT engines (`qasr build`)
+
+
+def derived_dir(bundle: Bundle, precision: str) -> Path:
+    return bundle.path / DERIVED / precision
+
+
+def derived_is_current(bundle: Bundle, precision: str) -> bool:
+    """True when BUNDLE/derived/<precision> was derived from this bundle's checkpoint."""
+    record = read_record(derived_dir(bundle, precision) / DERIVED_RECORD) or {}
+    return record.get("source_sha256") == bundle.manifest["source"]["sha256"]
 
 
 def cache_names(layers: int) -> list[str]:

@@ -24,22 +24,18 @@ import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from qasr.errors import BundleError, EngineError, UsageError
-from qasr.jsonfile import read_json, read_record
-from qasr.runtime.bundle import Bundle, cache_names
+from qasr.jsonfile import read_json
+from qasr.runtime.bundle import DERIVED_RECORD, ENGINES, Bundle, cache_names, derived_dir, derived_is_current
 from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from qasr.runtime.resolve import locked
 from qasr.runtime.cuda import Cuda, row_copy
-from qasr.runtime.tensorrt_backend import ENGINES
 
-DERIVED = "derived"
-RECORD = "graphs.json"
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # A graph's float type -> the element type ORT allocates and binds (numpy's, or ONNX's number for
 # bf16, which numpy lacks: only device buffers ever hold it) and its size in bytes.
@@ -52,22 +48,12 @@ STEP_INPUTS = ("input_ids", "position", "cache_start")
 LOG_LEVEL = int(os.environ.get("QASR_ORT_LOG_LEVEL", "3"))
 
 
-def derived_dir(bundle: Bundle, precision: str) -> Path:
-    return bundle.path / DERIVED / precision
-
-
-def derived_is_current(bundle: Bundle, precision: str) -> bool:
-    """True when BUNDLE/derived/<precision> was derived from this bundle's checkpoint."""
-    record = read_record(derived_dir(bundle, precision) / RECORD) or {}
-    return record.get("source_sha256") == bundle.manifest["source"]["sha256"]
-
-
 def derived_graphs(bundle: Bundle, precision: str) -> dict:
     """The contracts of the derived graphs, or one line on how to derive them."""
     if not derived_is_current(bundle, precision):
         raise BundleError(f"{derived_dir(bundle, precision)}: no current {precision} graphs; derive them with "
                           f"`qasr build {bundle.path} --precision {precision} --graphs-only`")
-    return read_json(derived_dir(bundle, precision) / RECORD, BundleError)["graphs"]
+    return read_json(derived_dir(bundle, precision) / DERIVED_RECORD, BundleError)["graphs"]
 
 
 def cuda_provider_available() -> bool:

@@ -27,14 +27,12 @@ import numpy as np
 from qasr.errors import EngineError
 from qasr.jsonfile import read_json
 from qasr.runtime.backend import Backend
-from qasr.runtime.bundle import Bundle
+from qasr.runtime.bundle import ENGINES, ENGINES_RECORD, Bundle
 from qasr.runtime.cuda import Cuda, row_copy
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-ENGINES = "engines"
-RECORD = "engines.json"
 RECORD_FORMAT = ("qasr-engines", 1)
 CAPACITY_STEP = 256  # cache capacities round up to this, so that requests reuse one captured graph
 MISSING_TENSORRT = ("TensorRT is not installed (pip install tensorrt; on Jetson use JetPack's python3-libnvinfer); "
@@ -63,7 +61,7 @@ def rebuild_hint(bundle: Bundle, record: dict | None = None) -> str:
 
 
 def load_record(bundle: Bundle) -> dict:
-    file = bundle.path / ENGINES / RECORD
+    file = bundle.path / ENGINES / ENGINES_RECORD
     if not file.is_file():
         raise EngineError(f"{bundle.path}: no TensorRT engines; build them with `qasr build {bundle.path}`")
     return read_json(file, EngineError, f"; {rebuild_hint(bundle)}")
