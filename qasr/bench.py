@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qasr.cpu import cpu_info, widest_simd
 from qasr.memory import peak_rss_gb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -341,9 +342,8 @@ def machine() -> str:
     """CPU model, cores, memory, load, and the versions that matter, in one line."""
     import onnxruntime
 
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
-    cpu += f" ({_widest_simd(info)})"
+    cpu, flags = cpu_info()
+    cpu += f" ({widest_simd(flags)})"
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = [f"Python {platform.python_version()}", f"numpy {np.__version__}", f"onnxruntime {onnxruntime.__version__}"]
     try:
@@ -355,17 +355,6 @@ def machine() -> str:
         pass
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB (load average at start {load}); {', '.join(versions)}"
-
-
-def _widest_simd(cpuinfo: list[str]) -> str:
-    """The vector extension that sets MLAS's int8 and fp32 kernels: machines sold under one name
-    ("AMD EPYC") differ by 2x in matmul speed with it."""
-    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith(("flags", "Features"))), []))
-    for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx_vnni", "AVX-VNNI"),
-                       ("avx2", "AVX2"), ("sve", "SVE"), ("asimddp", "NEON dot product"), ("asimd", "NEON")):
-        if flag in flags:
-            return name
-    return "no AVX2 or NEON"
 
 
 def write_section(doc: Path, begin: str, end: str, text: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from qasr.cpu import cpu_info
 from qasr.jsonfile import read_record
 from qasr.runtime.bundle import Bundle, staged
 
@@ -29,19 +30,9 @@ RECORD = "prepacked.json"
 
 def machine() -> dict[str, str]:
     """What the packed layout depends on: ONNX Runtime's version and the CPU's model and features."""
-    model, flags = "", ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            model = model or (value.strip() if key.strip() == "model name" else "")
-            flags = flags or (value.strip() if key.strip() in ("flags", "Features") else "")
-    except OSError:
-        pass
-    import platform
-
-    cpu = model or platform.processor() or platform.machine()
+    cpu, flags = cpu_info()
     return {"onnxruntime": ort.__version__, "cpu": cpu,
-            "features": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]}
+            "features": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16]}
 
 
 def prepacked_graph(bundle: Bundle, name: str) -> Path | None:
