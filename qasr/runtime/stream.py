@@ -35,6 +35,7 @@ and no extra compute beside the encoder's.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -387,7 +388,7 @@ class Stream:
                                           options.timings, "<stream>", peak=segment.audio.peak_before), 0
         ids = model.tokenizer.encode(asr_prompt(segment.context, options.language) + prefix)
         prompt = expand_audio(ids, self.pad_id, len(embeds))
-        keep = min(prompt.index(self.pad_id) + changed, _common_prefix(prompt, segment.prompt))
+        keep = min(prompt.index(self.pad_id) + changed, len(os.path.commonprefix([prompt, segment.prompt])))
         sequence = Sequence(prompt, embeds, model.audio_token, options.max_new_tokens, model.eos_ids,
                             keep=keep, owner=self if options.incremental else None)
         yield sequence
@@ -413,12 +414,6 @@ class Stream:
         return StreamEvent(chunk=self.chunks, audio_seconds=heard / SAMPLE_RATE,
                            language=merge_languages(languages), text=text,
                            committed=text if final else self.committed, final=final, compute_seconds=seconds)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if len(diff) else n
 
 
 def _join(texts: list[str]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +74,7 @@ class Item:
 
     def delta(self, event) -> str:
         """New stable text of `event` past what was sent ("" while it revises text already sent)."""
-        stable = event.text if event.final else _common_prefix(self.previous, event.text)
+        stable = event.text if event.final else os.path.commonprefix([self.previous, event.text])
         if len(event.committed) > len(stable) and event.text.startswith(event.committed):
             stable = event.committed
         self.previous = event.text
@@ -316,11 +317,3 @@ async def serve_session(websocket: WebSocket, service: Service) -> None:
         service.realtime_sessions -= 1
         service.metrics.realtime_sessions.set(service.realtime_sessions)
 
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return a[:n]
