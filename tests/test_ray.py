@@ -241,6 +241,20 @@ def _loopback(ip: str) -> bool:
     return (mapped or address).is_loopback
 
 
+def qasr_serve_ray(address: str, *options) -> subprocess.CompletedProcess:
+    """The real command, run to its end; it must fail before serving."""
+    return subprocess.run([sys.executable, "-m", "qasr", "serve", "--ray", address, "--port", str(free_port()),
+                           "--backend", "onnxruntime", *map(str, options)], env={**os.environ, **LOOPBACK_ENV},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_second_server_on_the_cluster_is_refused_in_one_line(cluster, server, bundle):
+    result = qasr_serve_ray(cluster[0], "--model", bundle("tiny-untied"))
+    assert result.returncode == 1 and "already runs on the Ray cluster" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert httpx.get(f"{server[0]}/health").status_code == 200  # the first one is untouched
+
+
 def test_sigterm_drains_an_open_session_then_removes_the_application(server, speech):
     """SIGTERM while a realtime session is open: the session still gets its transcript, then the
     command exits 0 with the application and Serve (nothing else ran on it) gone."""
@@ -260,7 +274,7 @@ def test_bad_replicas_is_one_line(replicas):
 def test_placement_becomes_serve_options():
     options = Options(model="m", threads=2, max_batch=4, max_queue=6, drain_seconds=7)
     fixed = deployment_options(options, Placement("3", gpus_per_replica=0.25))
-    assert fixed["num_replicas"] == 3 and fixed["max_ongoing_requests"] == 10
+    assert fixed["num_replicas"] == 3 and fixed["max_ongoing_requests"] == 10 and fixed["max_queued_requests"] == 6
     assert fixed["ray_actor_options"]["num_cpus"] == 2 and fixed["ray_actor_options"]["num_gpus"] == 0.25
     assert fixed["graceful_shutdown_timeout_s"] == 7
     scaled = deployment_options(options, Placement("1-4", cpus_per_replica=1.5))
@@ -277,3 +291,12 @@ def test_builder_arguments_are_the_serve_options():
         builder_options({"model": "m", "max_bach": "4"})
     with pytest.raises(UsageError, match="model="):
         builder_options({"replicas": "2"})
+
+
+def test_a_model_that_cannot_load_is_one_line_and_exit_1(cluster, tmp_path):
+    """Each replica fails to load; Serve gives up on the deployment and the command says why."""
+    missing = tmp_path / "no-such-bundle"
+    result = qasr_serve_ray(cluster[0], "--model", missing)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "qasr: error:" in line]
+    assert len(errors) == 1 and str(missing) in errors[0] and "Traceback" not in result.stderr

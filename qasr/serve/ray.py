@@ -38,7 +38,7 @@ PROXY_CALLBACK = {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "qasr.serve.ray:p
 class Replica:
     """One loaded model and the app over it; Serve sends it traffic once the constructor returns."""
 
-    async def __init__(self, options: Options):
+    async def __init__(self, options: Options):  # type: ignore[misc]  # Serve awaits an async constructor
         _bind_grpc_to_node()
         self.service = Service(options)
         self.service.start_loading()
@@ -49,11 +49,6 @@ class Replica:
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service)
-
-    def check_health(self) -> None:
-        """Serve's periodic probe: a replica whose model is gone is replaced."""
-        if self.service.state == "failed":
-            raise RuntimeError(self.service.error)
 
 
 class ReplicaLost:
@@ -141,7 +136,7 @@ def deployment_options(options: Options, placement: Placement) -> dict:
     actor = {"num_cpus": cpus, "num_gpus": placement.gpus_per_replica, "runtime_env": {"env_vars": env}}
     room = options.max_batch + options.max_queue
     scale = parse_replicas(placement.replicas)
-    out = {"ray_actor_options": actor, "max_ongoing_requests": room,
+    out = {"ray_actor_options": actor, "max_ongoing_requests": room, "max_queued_requests": options.max_queue,
            "graceful_shutdown_timeout_s": options.drain_seconds, "health_check_period_s": 5}
     if "num_replicas" in scale:
         return {**out, "num_replicas": scale["num_replicas"]}
@@ -163,7 +158,7 @@ def _room_for(actor: dict) -> int:
 
 def application(options: Options, placement: Placement):
     """The bound Serve application: Replica with these options, placed as asked."""
-    return serve.deployment(Replica, name="qasr").options(**deployment_options(options, placement)).bind(options)
+    return serve.deployment(name=APP_NAME, **deployment_options(options, placement))(Replica).bind(options)
 
 
 def app(args: dict):
@@ -219,12 +214,15 @@ def run(options: Options, placement: Placement, address: str, host: str, port: i
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": host, "port": port},
+                controller_options={"runtime_env": {"env_vars": PROXY_CALLBACK}})
+    if APP_NAME in serve.status().applications:  # Serve has one HTTP port and route "/" per cluster
+        raise UsageError(f"an application named {APP_NAME!r} already runs on the Ray cluster at {address}: "
+                         "stop that `qasr serve --ray` (or `serve shutdown`) first")
     try:
-        serve.start(http_options={"host": host, "port": port},
-                    controller_options={"runtime_env": {"env_vars": PROXY_CALLBACK}})
         serve.run(application(options, placement), name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as exc:
-        log.error("qasr: error: the application did not deploy: %s", _first_line(exc))
+        log.error("qasr: error: the application did not deploy: %s", _reason(_deployment_message() or str(exc)))
         _remove()
         return 1
     log.info("qasr serve on http://%s:%d through Ray at %s (model %s, replicas %s)", host, port, address,
@@ -244,3 +242,16 @@ def _remove() -> None:
 
 def _first_line(exc: Exception) -> str:
     return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _deployment_message() -> str:
+    """What Serve says about the deployment (a failed replica's traceback), where it says anything."""
+    app_status = serve.status().applications.get(APP_NAME)
+    deployment = app_status.deployments.get(APP_NAME) if app_status else None
+    return deployment.message if deployment else ""
+
+
+def _reason(report: str) -> str:
+    """The replica's own error from Serve's report: its traceback's last line, less the exception's name."""
+    lines = [line.strip() for line in report.splitlines() if line.strip()]
+    return re.sub(r"^[\w.()]*(Error|Exception)[\w()]*: ", "", lines[-1]) if lines else "unknown"
