@@ -265,6 +265,12 @@ def test_sigterm_drains_an_open_session_then_removes_the_application(server, spe
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_")]
 
 
+def test_an_address_where_nothing_listens_is_one_line():
+    result = qasr_serve_ray(f"127.0.0.1:{free_port()}", "--model", "m")
+    assert result.returncode == 1 and "nothing answers at 127.0.0.1:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("replicas", ["0", "two", "3-1", "-2"])
 def test_bad_replicas_is_one_line(replicas):
     with pytest.raises(UsageError, match="--replicas"):

@@ -207,6 +207,7 @@ def run(options: Options, placement: Placement, address: str, host: str, port: i
     from qasr.serve.server import announce
 
     announce(options, host)
+    _check_listening(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -238,6 +239,20 @@ def _remove() -> None:
     serve.delete(APP_NAME)
     if not serve.status().applications:
         serve.shutdown()
+
+
+def _check_listening(address: str) -> None:
+    """A host:port where nothing listens is one line now (Ray itself would retry for minutes)."""
+    import socket
+
+    found = re.fullmatch(r"([\w.\-]+|\[[0-9a-fA-F:]+\]):(\d+)", address)
+    if not found:
+        return  # auto, ray://..., or another form Ray resolves itself
+    try:
+        socket.create_connection((found[1].strip("[]"), int(found[2])), timeout=10).close()
+    except OSError as exc:
+        raise UsageError(f"nothing answers at {address} ({exc.strerror or exc}): start the cluster with "
+                         "`ray start --head`, or give --ray auto on one of its nodes") from None
 
 
 def _first_line(exc: Exception) -> str:
