@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=_positive, help="cap the token budget per request")
     serve.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
     serve.add_argument("--drain-seconds", type=int, default=30, help="on SIGTERM, time given to work in flight")
+    serve.add_argument("--ray", metavar="ADDRESS", help="deploy onto the running Ray cluster at ADDRESS (auto, or "
+                       "host:port of `ray start --head`); needs the ray extra (docs/ray.md)")
+    serve.add_argument("--replicas", default="1", help="with --ray: replicas of the model, N, auto or MIN-MAX "
+                       "(autoscaling on requests in flight)")
+    serve.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs each replica "
+                       "reserves (fractions share one)")
+    serve.add_argument("--cpus-per-replica", type=float, help="with --ray: CPUs each replica reserves "
+                       "(default: --threads, else 1)")
     _backend_options(serve)
     serve.set_defaults(run=run_serve)
 
@@ -335,6 +343,14 @@ def run_serve(args: argparse.Namespace) -> int:
                       api_key=args.api_key or None, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
                       max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, cors_origins=args.cors_origin,
                       drain_seconds=args.drain_seconds)
+    if args.ray:
+        from qasr.serve import require_ray
+
+        require_ray()
+        from qasr.serve import ray
+
+        placement = ray.Placement(args.replicas, args.gpus_per_replica, args.cpus_per_replica)
+        return ray.run(options, placement, args.ray, args.host, args.port)
     return serve(options, args.host, args.port)
 
 

@@ -63,11 +63,12 @@ def free_port() -> int:
 class Server:
     """`qasr serve` in a subprocess on a free loopback port, ready (every graph loaded) on entry."""
 
-    def __init__(self, bundle: str, tokens: int, max_queue: int, max_batch: int = 8):
+    def __init__(self, bundle: str, tokens: int, max_queue: int, max_batch: int = 8, threads: int = 2,
+                 extra: tuple = ()):
         port = free_port()
         self.argv = [sys.executable, "-m", "qasr", "serve", "--model", bundle, "--backend", "onnxruntime",
-                     "--port", str(port), "--threads", "2", "--max-new-tokens", str(tokens),
-                     "--max-queue", str(max_queue), "--max-batch", str(max_batch)]
+                     "--port", str(port), "--threads", str(threads), "--max-new-tokens", str(tokens),
+                     "--max-queue", str(max_queue), "--max-batch", str(max_batch), *extra]
         self.url = f"http://127.0.0.1:{port}"
 
     def __enter__(self) -> Server:
@@ -134,13 +135,15 @@ def clip_files(folder: Path) -> list[Path]:
     return paths
 
 
-def concurrency(bundle: str, clips: list[Path], texts: list[str], levels: list[int], max_batch: int) -> list[dict]:
-    """Per level: every clip sent once, by that many clients at once, each sending its share in turn."""
+def concurrency(bundle: str, clips: list[Path], texts: list[str], levels: list[int], max_batch: int,
+                threads: int = 2, extra: tuple = ()) -> list[dict]:
+    """Per level: every clip sent once, by that many clients at once, each sending its share in turn
+    (`extra`: more `qasr serve` options, such as --ray)."""
     import soundfile as sf
 
     audio_seconds = sum(sf.info(clip).duration for clip in clips)
     rows = []
-    with Server(bundle, CLIP_TOKENS, max_queue=16, max_batch=max_batch) as server:
+    with Server(bundle, CLIP_TOKENS, max_queue=16, max_batch=max_batch, threads=threads, extra=extra) as server:
         server.transcribe(clips[0])  # warm-up
         for clients in levels:
             def client(share: list[int]) -> list[float]:
@@ -157,7 +160,8 @@ def concurrency(bundle: str, clips: list[Path], texts: list[str], levels: list[i
                 latencies = [s for part in pool.map(client, shares) for s in part]
             wall = time.perf_counter() - begin
             rows.append({"clients": clients, "max_batch": max_batch, "audio_per_s": audio_seconds / wall,
-                         "mean": statistics.mean(latencies), "p95": float(np.percentile(latencies, 95)),
+                         "mean": statistics.mean(latencies), "p50": statistics.median(latencies),
+                         "p95": float(np.percentile(latencies, 95)),
                          "wall": wall, "peak_gb": server.peak_gb()})
             print(rows[-1], file=sys.stderr, flush=True)
     return rows

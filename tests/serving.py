@@ -87,6 +87,27 @@ class Blocker:
         self.future.result(10)
 
 
+def realtime_transcript(url: str, pcm, opened=lambda: None, **input_options) -> str:
+    """One `WS /v1/realtime` session through the openai SDK: 16 kHz int16 `pcm` sent, committed, and
+    the completed transcript returned; `opened()` runs as soon as the session exists."""
+    import base64
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    with client.realtime.connect(model="qasr") as conn:
+        assert conn.recv().type == "session.created"
+        opened()
+        conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None, **input_options}}})
+        assert conn.recv().type == "session.updated"
+        conn.input_audio_buffer.append(audio=base64.b64encode(pcm.tobytes()).decode())
+        conn.input_audio_buffer.commit()
+        while (event := conn.recv()).type != "conversation.item.input_audio_transcription.completed":
+            assert event.type != "error", event
+        return event.transcript
+
+
 def cli_text(*argv) -> str:
     """What `qasr ARGV...` writes to stdout (it must succeed): the text the server must match."""
     from qasr.cli import main

@@ -13,6 +13,9 @@ import pytest
 import openai  # the official SDK, a test dependency: the real client
 import httpx2 as httpx  # the HTTP client the openai SDK ships with
 
+from qasr.runtime.prompt import parse_output
+from qasr.runtime.tokenizer import Tokenizer
+from qasr.serve.openai_api import TextDeltas
 from qasr.serve.service import Options
 from serving import RunningServer, cli_text
 
@@ -77,10 +80,25 @@ def test_stream_sends_deltas_then_the_cli_text(server, bundle, language):
     assert events[-1].type == "transcript.text.done" and events[-1].text + "\n" == expected
     deltas = [e.delta for e in events[:-1] if e.type == "transcript.text.delta"]
     assert len(deltas) == len(events) - 1
-    if language:  # a forced language: every generated token is text, so it streams from the first one
-        assert len(deltas) > 1 and "".join(deltas).strip() == events[-1].text
-    else:  # text only follows the model's own "language X<asr_text>"; the random model may never write it
-        assert events[-1].text.startswith("".join(deltas).strip())
+    # Forced or not, the random model's output is text from its first tokens (it never writes the
+    # "language X<asr_text>" metadata), so it streams as it comes and the deltas join to the final text.
+    assert len(deltas) > 1 and "".join(deltas).strip() == events[-1].text
+
+
+@pytest.mark.parametrize("output", [
+    "Hello world.",                                # no metadata: text from the first token
+    "language English<asr_text> Hi there.",        # the metadata is held back, then the text after it
+    "language English\nlanguage French<asr_text>Hi",
+    "langue d'oc",                                 # held while it could still be "language ", then sent
+    "language None<asr_text>",
+])
+def test_text_deltas_stream_what_parse_output_keeps(checkpoint, output):
+    tokenizer = Tokenizer.from_dir(checkpoint("tiny"))
+    deltas = TextDeltas(tokenizer, forced=False)
+    sent = [deltas.push(token) for token in tokenizer.encode(output)]
+    assert "".join(sent).strip() == parse_output(output, None)[1]
+    if not output.startswith("lang"):
+        assert sent[0]  # the first token already streams
 
 
 def test_models_lists_the_served_id(server, bundle):

@@ -21,7 +21,7 @@ import httpx2 as httpx  # the HTTP client the openai SDK ships with
 
 from qasr.cli import main
 from qasr.serve.service import Options
-from serving import Blocker, RunningServer
+from serving import Blocker, RunningServer, realtime_transcript
 
 DATA = __import__("pathlib").Path(__file__).parent / "data"
 FILES = [DATA / "en_16k_s16.wav", DATA / "de_22k.flac", DATA / "fr_48k.ogg", DATA / "zh_16k_f32_loud.wav"]
@@ -108,8 +108,6 @@ def test_a_bad_file_among_good_ones_gets_its_400_and_the_others_succeed(server, 
 def test_realtime_sessions_share_the_batch_with_a_file_and_each_gets_its_stream_text(server, bundle, speech):
     """Two sessions' stream steps and a file request decode in the same steps, and each session's
     transcript is what `Transcriber.stream()` gives alone for its audio."""
-    import base64
-
     import numpy as np
 
     from qasr.runtime.transcribe import Transcriber
@@ -124,22 +122,9 @@ def test_realtime_sessions_share_the_batch_with_a_file_and_each_gets_its_stream_
     file_text = cli_text(bundle, FILES[0])
     steps_before, small_before = batch_steps(server), batch_steps(server, 2.0)
 
-    def realtime(clip):
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
-        with client.realtime.connect(model="qasr") as conn:
-            assert conn.recv().type == "session.created"
-            conn.session.update(session={"type": "transcription", "audio": {"input": {
-                "format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None}}})
-            assert conn.recv().type == "session.updated"
-            conn.input_audio_buffer.append(audio=base64.b64encode(clip.tobytes()).decode())
-            conn.input_audio_buffer.commit()
-            while (event := conn.recv()).type != "conversation.item.input_audio_transcription.completed":
-                assert event.type != "error", event
-            return event.transcript
-
     with ThreadPoolExecutor(3) as pool:
         with Blocker(server):
-            sessions = [pool.submit(realtime, clip) for clip in clips]
+            sessions = [pool.submit(realtime_transcript, server.url, clip) for clip in clips]
             while server.service.worker.inbox.qsize() < 2:  # both sessions' first steps wait
                 time.sleep(0.01)
             upload = pool.submit(lambda: create(server, FILES[0]).text)

@@ -95,6 +95,13 @@ def parse_output(raw: str, language: str | None) -> tuple[str, str]:
     return _meta_language(meta), text.strip()
 
 
+def may_be_metadata(raw: str) -> bool:
+    """Whether output so far could still be the metadata `parse_output` cuts off (`language X`, its
+    lines, up to `<asr_text>`): a streamer holds text back only while this is true."""
+    head = raw.lstrip().lower()
+    return ASR_TEXT not in raw and (head.startswith(_LANGUAGE_PREFIX) or _LANGUAGE_PREFIX.startswith(head))
+
+
 def _meta_language(meta: str) -> str:
     """The normalised name from the first metadata line that starts with `language `."""
     for line in meta.splitlines():

@@ -19,3 +19,11 @@ def require_extra() -> None:
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise UsageError(f"qasr serve needs {exc.name}: pip install \"qwen3-asr-edge[serve]\"") from None
+
+
+def require_ray() -> None:
+    """One line naming the extra when `qasr serve --ray` lacks Ray Serve."""
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"qasr serve --ray needs {exc.name}: pip install \"qwen3-asr-edge[ray]\"") from None

@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile
 from qasr.errors import QasrError, UsageError
 from qasr.runtime.audio import SAMPLE_RATE, load_audio
 from qasr.runtime.formats import render, subtitle_segments
-from qasr.runtime.prompt import ASR_TEXT, asr_prompt, check_language
+from qasr.runtime.prompt import ASR_TEXT, asr_prompt, check_language, may_be_metadata
 from qasr.runtime.tokenizer import IncrementalDecoder
 from qasr.serve.service import Busy, Disconnected, Service
 
@@ -192,22 +192,24 @@ def respond(req: Job, result, facts: dict) -> Response:
 
 
 class TextDeltas:
-    """Visible text from generated ids as they come: what follows `<asr_text>` (all of it when the
-    language was forced, since the prompt then holds the metadata). The final event carries the
-    parsed text, which is what `qasr transcribe` prints."""
+    """Visible text from generated ids as they come. With a forced language all of it (the prompt
+    holds the metadata); else what follows the model's `language X<asr_text>`, or, from the moment
+    the output can no longer be that metadata, the whole output, as `parse_output` reads it then.
+    The final event carries the parsed text, which is what `qasr transcribe` prints."""
 
     def __init__(self, tokenizer, forced: bool):
         self.decoder = IncrementalDecoder(tokenizer)
         self.raw = ""
         self.sent = 0
-        self.forced = forced
+        self.plain = forced  # the whole output is text
 
     def push(self, token_id: int) -> str:
         self.raw += self.decoder.push(token_id)
-        if self.forced:
-            visible = self.raw.lstrip()
-        elif ASR_TEXT in self.raw:
+        if not self.plain and ASR_TEXT in self.raw:
             visible = self.raw.split(ASR_TEXT, 1)[1].lstrip()
+        elif self.plain or not may_be_metadata(self.raw):
+            self.plain = True  # text already sent stays sent, whatever follows
+            visible = self.raw.lstrip()
         else:
             return ""
         delta, self.sent = visible[self.sent:], len(visible)
