@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--context", default="", help="background text: names, terms, a previous transcript")
     transcribe.add_argument("--max-new-tokens", type=_positive,
                             help="the token budget per pass (default grows with the audio: 32 + 10 per second)")
+    transcribe.add_argument("--loop-guard", action="store_true",
+                            help="end a repetition loop after 20 repeats and continue its ids to the budget "
+                                 "without decoding them (the same text when the loop would have lasted)")
     transcribe.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt",
                             help="srt and vtt need --aligner")
     transcribe.add_argument("--output-dir", type=Path, help="write one file per input here instead of to stdout")
@@ -214,6 +217,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
         writable_dir(args.output_dir, "the output directory")
     timestamps = args.timestamps or args.format in ("srt", "vtt")
     model = Transcriber.load(args.model, backend=args.backend, threads=args.threads)
+    model.loop_guard = args.loop_guard
     aligner = (Aligner.load(args.aligner or DEFAULT_ALIGNER, backend=args.backend, threads=args.threads)
                if timestamps else None)
     language = check_language(args.language, model.languages) if args.language else None

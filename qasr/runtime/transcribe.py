@@ -55,6 +55,7 @@ class Transcriber:
         self.eos_ids = tuple(bundle.tokens["eos"])
         self.window_frames = int(bundle.manifest["audio"]["window_frames"])
         self._engine: BatchDecoder | None = None
+        self.loop_guard = False  # end repetition loops early (qasr.runtime.decode.LoopGuard): opt-in
 
     @classmethod
     def load(cls, model: str | Path = DEFAULT_MODEL, backend: str = "auto", threads: int | None = None,
@@ -159,7 +160,7 @@ class Transcriber:
         embeds = embed_audio(self.backend, piece, self.window_frames, job.timings, job.name or "<audio>")
         budget = max_new_tokens or token_budget(len(piece) / SAMPLE_RATE)
         prompt = prompt_ids(self.tokenizer, context, job.forced, len(embeds))
-        return Sequence(prompt, embeds, self.audio_token, budget, self.eos_ids)
+        return Sequence(prompt, embeds, self.audio_token, budget, self.eos_ids, loop_guard=self.loop_guard)
 
     def _finish(self, job: _Job, aligner: Aligner | None) -> Transcript:
         """Parse each part's ids, add word times, join the parts."""
