@@ -166,3 +166,37 @@ def test_fused_export_refuses_head_sizes_the_kernel_lacks(checkpoint, tmp_path, 
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err
     assert err.strip().splitlines()[-1].endswith("export with --decoder traced")
+
+
+def test_a_request_s_memory_is_its_own_rows(fused):
+    """Slots as long as a 20-minute recording's, beside a short request: only the rows written are
+    resident (the block's pages come on first write), and the short request decodes as in a cache
+    of its own size."""
+    from qasr.bench import rss_gb
+
+    bundle = Bundle.load(fused())
+    text = bundle.model["text"]
+    row_bytes = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * text["head_dim"] * 4
+    rows = (2**30 // (4 * row_bytes)) // 64 * 64  # 4 slots of these: 1 GiB of address space
+    ids = np.array([[151644, 8948, 198, 7, 8, 9, 151645, 198]], dtype=np.int64)
+    audio = np.zeros((1, 1, text["hidden_size"]), dtype=np.float32)
+    small = OnnxRuntimeFusedBackend(bundle, threads=1)
+    small.reserve((1, 64))
+    expected = small.prefill(ids, audio, 0, 0), small.step(np.array([5]), np.array([0]), np.array([8]))
+    backend = OnnxRuntimeFusedBackend(bundle, threads=1)
+    before = rss_gb()
+    backend.reserve((4, rows))
+    got = backend.prefill(ids, audio, 3, 0), backend.step(np.array([5]), np.array([3]), np.array([8]))
+    assert rss_gb() - before < 0.05  # of the 1 GiB reserved
+    assert got[0] == expected[0] and list(got[1]) == list(expected[1])
+
+
+@pytest.mark.parametrize("argv", [["transcribe", str(DATA / "en_16k_s16.wav"), "--model", "{bundle}", "--backend",
+                                   "tensorrt"],
+                                  ["transcribe", str(DATA / "en_16k_s16.wav"), "--model", "{bundle}", "--backend",
+                                   "onnxruntime-cuda"],
+                                  ["build", "{bundle}"]])
+def test_backends_that_bind_the_traced_graph_refuse_it_in_one_line(fused, capsys, argv):
+    code = main([arg.format(bundle=fused()) for arg in argv])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and "--decoder traced" in err.strip().splitlines()[-1]

@@ -64,9 +64,7 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = No
     ONNX Runtime on a CUDA device, then ONNX Runtime on the CPU."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    from qasr.runtime.onnxruntime_fused import fused_layout
-
-    if fused_layout(bundle):  # the CUDA and TensorRT backends bind the traced decoder's contract
+    if bundle.fused_decoder:  # the CUDA and TensorRT backends bind the traced decoder's contract
         if backend not in ("auto", "onnxruntime"):
             raise UsageError(f"{bundle.path}: its fused decoder runs on the onnxruntime backend only; "
                              "export with --decoder traced for " + backend)

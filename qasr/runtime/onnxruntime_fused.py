@@ -26,11 +26,6 @@ from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
 MAP_NORESERVE = 0x4000  # Linux's flag (Python's mmap module names it only from 3.13)
 
 
-def fused_layout(bundle) -> bool:
-    """Whether the bundle's decoder is the fused graph (one cache slot per batch row)."""
-    return bundle.manifest["graphs"].get("decoder", {}).get("layout") == "slots"
-
-
 def _mapped_zeros(shape: tuple[int, ...]) -> tuple[np.ndarray, mmap.mmap | None]:
     """Zeros in pages that are allocated on first write; plain np.zeros where mmap cannot do it."""
     size = int(np.prod(shape)) * 4
