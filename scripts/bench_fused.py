@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,10 @@ def main() -> int:
     args = parser().parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     bundles = {name: bundle(args.checkpoint, args.work, *spec) for name, spec in SYSTEMS.items()}
+    if args.interleaved_only:
+        print(pair_report({w: interleaved(bundles[f"traced {w}"], bundles[f"fused {w}"], args) for w in ("fp32", "int4")},
+                          args))
+        return 0
     nodes = {name: step_nodes(path) for name, path in bundles.items()}
     peer = build_peer(args.work, args.peer_source)
     rows = []
@@ -51,8 +56,10 @@ def main() -> int:
             rows.append({"system": "antirez/qwen-asr", "seconds": seconds,
                          **peer_run(peer, args.checkpoint, audio, args)})
             print("antirez", seconds, rows[-1]["decode_ms"], file=sys.stderr, flush=True)
-    (args.work / "runs.json").write_text(json.dumps({"rows": rows, "nodes": nodes}, indent=1))
-    text = report(rows, nodes, args)
+    pairs = {weights: interleaved(bundles[f"traced {weights}"], bundles[f"fused {weights}"], args)
+             for weights in ("fp32", "int4")}
+    (args.work / "runs.json").write_text(json.dumps({"rows": rows, "nodes": nodes, "pairs": pairs}, indent=1))
+    text = report(rows, nodes, args) + "\n\n" + pair_report(pairs, args)
     print(text)
     if not args.no_write:
         write_section(DOC, BEGIN, END, text)
@@ -68,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="rounds of fresh processes per clip length")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--interleaved-only", action="store_true",
+                   help="only the one-process comparison of the two decoders (rewrites nothing of the table)")
     return p
 
 
@@ -114,6 +123,46 @@ def step_nodes(path: Path, filled: int = 200) -> float:
         events = json.loads(Path(session.end_profiling()).read_text())
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     return len(nodes) / 2 / text["num_hidden_layers"]
+
+
+def interleaved(traced: Path, fused: Path, args) -> dict[int, dict[str, float]]:
+    """Decode steps of the traced and the fused decoder alternated one for one in one process, at
+    the cache lengths of a 10 s and a 60 s clip (prompt rows 150 and 800): a busy machine then
+    slows both alike. Median ms per step of each."""
+    from qasr.runtime.backend import open_backend
+    from qasr.runtime.bundle import Bundle
+
+    backends = {name: open_backend(Bundle.load(path), "onnxruntime", args.threads)
+                for name, path in (("traced", traced), ("fused", fused))}
+    hidden = Bundle.load(fused).model["text"]["hidden_size"]
+    figures = {}
+    for seconds, filled in ((10, 150), (60, 800)):
+        times: dict[str, list[float]] = {name: [] for name in backends}
+        for backend in backends.values():
+            backend.reserve((1, filled + 128) if getattr(backend, "slots", False) else filled + 128, keep=False)
+            backend.prefill(np.full((1, filled), 7, dtype=np.int64), np.zeros((1, 1, hidden), np.float32), 0, 0)
+        for step in range(args.steps * 2):
+            for name, backend in backends.items():
+                began = time.perf_counter()
+                backend.step(np.array([7]), np.array([0]), np.array([filled + step]))
+                times[name].append(1000 * (time.perf_counter() - began))
+        figures[seconds] = {name: statistics.median(values[2:]) for name, values in times.items()}
+        print("interleaved", seconds, figures[seconds], file=sys.stderr, flush=True)
+    return figures
+
+
+def pair_report(pairs: dict, args) -> str:
+    lines = [f"Interleaved in one process ({2 * args.steps} steps each, alternating, batch 1, cache rows of a "
+             "10 s / 60 s prompt): median ms per decode step.", "",
+             "| weights | traced, 10 s | fused, 10 s | fused / traced | traced, 60 s | fused, 60 s | fused / traced |",
+             "|---|---|---|---|---|---|---|"]
+    for weights, figures in pairs.items():
+        cells = []
+        for seconds in (10, 60):
+            traced, fused = figures[seconds]["traced"], figures[seconds]["fused"]
+            cells += [f"{traced:.1f}", f"{fused:.1f}", f"{fused / traced:.2f}"]
+        lines.append(f"| {weights} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def report(rows: list[dict], nodes: dict, args) -> str:
