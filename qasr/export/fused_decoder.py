@@ -53,7 +53,8 @@ class _Weights:
     """Initializers written straight to the external data file, none held in the model proto."""
 
     def __init__(self, data: Path):
-        self.data, self.file, self.tensors = data, data.open("wb"), []
+        self.data, self.file = data, data.open("wb")
+        self.tensors: list[TensorProto] = []
 
     def add(self, name: str, array: np.ndarray) -> str:
         """Small constants (shapes, ids, norm scales) stay inline, as shape inference needs them."""
@@ -139,7 +140,7 @@ def build_fused_decoder(checkpoint: str | Path, path: Path, qk_norm: str = "bran
 def _inputs(config: ModelConfig) -> list:
     t = config.text
     past, _ = fused_cache_names(t.num_hidden_layers)
-    cache = ["batch", t.num_key_value_heads, "capacity", t.head_dim]
+    cache: list[str | int] = ["batch", t.num_key_value_heads, "capacity", t.head_dim]
     return [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "new"]),
             helper.make_tensor_value_info("audio_embeds", TensorProto.FLOAT, ["batch", "audio", t.hidden_size]),
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
@@ -151,7 +152,7 @@ def _inputs(config: ModelConfig) -> list:
 def _outputs(config: ModelConfig) -> list:
     t = config.text
     _, present = fused_cache_names(t.num_hidden_layers)
-    cache = ["batch", t.num_key_value_heads, "capacity", t.head_dim]
+    cache: list[str | int] = ["batch", t.num_key_value_heads, "capacity", t.head_dim]
     return [helper.make_tensor_value_info("next_token", TensorProto.INT64, ["batch"]),
             helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", config.head_rows]),
             *[helper.make_tensor_value_info(name, TensorProto.FLOAT, cache) for name in present]]
@@ -177,7 +178,7 @@ class _Builder:
         x = self.embed()
         cos, sin = rope_tables(t.head_dim, t.rope_theta, t.max_position_embeddings)
         self.const("rope.cos", cos), self.const("rope.sin", sin)
-        residual, mlp = x, None
+        residual, mlp = x, ""  # layer 0 has no previous MLP output to add
         for layer in range(t.num_hidden_layers):
             residual, mlp = self.layer(layer, residual, mlp)
         return self.head(residual, mlp)
@@ -214,10 +215,10 @@ class _Builder:
         weight = np.concatenate([self.read(m) for m in matrices], axis=0).T
         return self.node("MatMul", [x, self.const(f"{name}.weight", weight)], [f"{name}/out"], name)[0]
 
-    def layer(self, i: int, residual: str, mlp: str | None) -> tuple[str, str]:
+    def layer(self, i: int, residual: str, mlp: str) -> tuple[str, str]:
         t, p = self.t, f"{DECODER_PREFIX}layers.{i}."
         heads, kvh, hd = t.num_attention_heads, t.num_key_value_heads, t.head_dim
-        if mlp is None:
+        if not mlp:
             x, residual = self.norm(f"l{i}/input_norm", residual, None, p + "input_layernorm.weight")
         else:
             x, residual = self.norm(f"l{i}/input_norm", mlp, residual, p + "input_layernorm.weight")

@@ -48,6 +48,7 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
         self.mapping: mmap.mmap | None = None
         self.filled: dict[int, int] = {}  # slot -> rows written (what a grown cache must copy)
         self.logits: np.ndarray | None = None
+        self.calls: dict[int, FusedCall] = {}  # batch size -> the decode step's bound buffers
 
     def reserve(self, size, keep: bool = True) -> None:
         """`size` = (slots, rows per slot), as qasr.runtime.batch.Slots computes it."""
@@ -61,7 +62,7 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
                 if slot < slots:
                     cache[:, :, slot, :, :min(filled, rows)] = self.cache[:, :, slot, :, :min(filled, rows)]
         self.filled = {s: f for s, f in self.filled.items() if keep and s < slots}
-        self.cache, self.mapping, self.steps = cache, mapping, {}
+        self.cache, self.mapping, self.calls = cache, mapping, {}
 
     @property
     def reserved(self):
@@ -113,9 +114,9 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
         for slot, position in zip(starts, positions):
             self._check(int(slot), int(position) + 1)
         batch = int(starts.max()) + 1
-        if batch not in self.steps:
-            self.steps[batch] = self._bind(batch, 1)
-        call = self.steps[batch]
+        if batch not in self.calls:
+            self.calls[batch] = self._bind(batch, 1)
+        call = self.calls[batch]
         call.ids[:], call.seqlens[:], call.new[:] = 0, 0, 0  # idle rows: nothing read past row 0, nothing written
         call.ids[starts, 0], call.seqlens[starts], call.new[starts] = ids, positions, 1
         call.total[()] = int(positions.max()) + 1
