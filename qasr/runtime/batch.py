@@ -8,7 +8,10 @@ buys little) and leave at their end of sequence or budget, up to `max_batch` at 
 The KV cache is one block shared by the batch (docs/graphs.md): each request owns a region of it
 sized by its own prompt and budget, placed first-fit among the regions of the others, so a long
 recording beside short ones does not make every row as long as the longest. The block grows when
-a request finds no room and is sized afresh when the batch is empty.
+a request finds no room and is sized afresh when the batch is empty. A backend with one cache
+slot per batch row (the fused decoder: `slots = True`) gets `Slots` instead: the lowest free slot,
+its memory still its own rows (qasr.runtime.onnxruntime_fused); a free slot below the highest one
+in use runs as an idle row of each step.
 
 A stream (a Sequence with an `owner`) keeps its region between its steps: its next step re-decodes
 a prompt that only grew or changed at its end, so the rows of the unchanged part are reused
