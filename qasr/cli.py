@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decoder (or aligner) weights, head and embedding included (default fp32)")
     export.add_argument("--encoder-weights", choices=["fp32", "int8"], default="fp32",
                         help="audio encoder and projector weights (default fp32)")
+    export.add_argument("--decoder", choices=["traced", "fused"], default="traced",
+                        help="the decoder graph: traced from the PyTorch model (every backend), or fused from "
+                             "the checkpoint's tensors (ONNX Runtime's GroupQueryAttention; the onnxruntime "
+                             "backend; needs --out)")
     export.add_argument("--prepack", action="store_true",
                         help="also save the graphs with their weights packed for this CPU and ONNX Runtime "
                              "(a faster cold start here; other machines use the portable graphs)")
@@ -71,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--context", default="", help="background text: names, terms, a previous transcript")
     transcribe.add_argument("--max-new-tokens", type=_positive,
                             help="the token budget per pass (default grows with the audio: 32 + 10 per second)")
+    transcribe.add_argument("--loop-guard", action="store_true",
+                            help="end a repetition loop after 20 repeats and continue its ids to the budget "
+                                 "without decoding them (the same text when the loop would have lasted)")
     transcribe.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt",
                             help="srt and vtt need --aligner")
     transcribe.add_argument("--output-dir", type=Path, help="write one file per input here instead of to stdout")
@@ -192,12 +199,14 @@ def run_export(args: argparse.Namespace) -> int:
     else:
         checkpoint = checkpoint_dir(args.checkpoint)
         if args.out is None:
+            if args.decoder != "traced":
+                raise UsageError("--decoder fused writes a bundle of its own: give --out DIR")
             out = cached_export(checkpoint, args.weights, name=args.checkpoint, encoder_weights=args.encoder_weights)
         else:
             from qasr.export.onnx_export import export_bundle
 
             out = export_bundle(checkpoint, args.out, progress=progress, weights=args.weights,
-                                encoder_weights=args.encoder_weights)
+                                encoder_weights=args.encoder_weights, decoder=args.decoder)
     if args.prepack:
         from qasr.runtime.bundle import Bundle
         from qasr.runtime.onnxruntime_backend import session_options
@@ -219,6 +228,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
         writable_dir(args.output_dir, "the output directory")
     timestamps = args.timestamps or args.format in ("srt", "vtt")
     model = Transcriber.load(args.model, backend=args.backend, threads=args.threads, precision=args.precision)
+    model.loop_guard = args.loop_guard
     aligner = (Aligner.load(args.aligner or DEFAULT_ALIGNER, backend=args.backend, threads=args.threads,
                             precision=args.precision)
                if timestamps else None)

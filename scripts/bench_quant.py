@@ -128,13 +128,13 @@ def build(fp32: Path, work: Path, weights: str, encoder_weights: str, prepacked:
     return out
 
 
-def build_peer(cache: Path) -> Path:
+def build_peer(cache: Path, source: Path = PEER_SOURCE) -> Path:
     """A local copy of antirez/qwen-asr whose offline token limit reads QWEN_MAX_TOKENS (`make blas`)."""
     peer = cache / "peer" / "qwen-asr"
     binary = peer / "qwen_asr"
     if not binary.is_file():
         peer.mkdir(parents=True, exist_ok=True)
-        for file in [*PEER_SOURCE.glob("*.[ch]"), PEER_SOURCE / "Makefile"]:
+        for file in [*source.glob("*.[ch]"), source / "Makefile"]:
             shutil.copy(file, peer)
         source = (peer / "qwen_asr.c").read_text()
         line = "    int max_tokens = 2048;"

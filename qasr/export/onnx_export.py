@@ -18,7 +18,7 @@ import torch
 from qasr import __version__
 from qasr.errors import CheckpointError
 from qasr.export.onnx_files import DATA_THRESHOLD, alias_shared_weights, graph_contract
-from qasr.models.config import ModelConfig
+from qasr.models.config import ModelConfig, load_config
 from qasr.models.thinker import EOS_IDS, Thinker
 from qasr.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, cache_names
 from qasr.runtime.resolve import checkpoint_digest, writable_dir
@@ -28,13 +28,14 @@ OPSET = 20
 
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, weights: str = "fp32",
-                  encoder_weights: str = "fp32") -> Path:
+                  encoder_weights: str = "fp32", decoder: str = "traced") -> Path:
     """Export a local checkpoint directory to a bundle directory.
 
     The bundle is written beside `out_dir` and moved into place only when complete, so a failed
     or interrupted export never leaves a half bundle or damages an existing one. int8/int4
     `weights` (and `encoder_weights`) are a post-pass over the fp32 export (qasr.export.quantize),
-    whose fp32 graphs are dropped once quantized.
+    whose fp32 graphs are dropped once quantized. `decoder="fused"` writes the ASR decoder as the
+    fused graph (qasr.export.fused_decoder) instead of tracing it.
     """
     checkpoint, out = Path(checkpoint), Path(out_dir)
     writable_dir(out.parent, "the bundle's parent directory")  # before minutes of work, not after
@@ -43,13 +44,13 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, w
 
         check_weights(weights, encoder_weights)  # before minutes of export, not after
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.fp32.") as tmp:
-            fp32 = export_bundle(checkpoint, Path(tmp) / "fp32", progress)
+            fp32 = export_bundle(checkpoint, Path(tmp) / "fp32", progress, decoder=decoder)
             return quantize_bundle(fp32, out, weights, encoder_weights, progress, reference=False)
     progress(f"loading {checkpoint}")
     model = Thinker.from_pretrained(checkpoint)
     config = model.config
     graphs = {"encoder": export_encoder, "projector": export_projector}
-    graphs.update({"aligner": export_aligner} if config.is_aligner else {"decoder": export_decoder})
+    graphs.update({"aligner": export_aligner} if config.is_aligner else {"decoder": decoder_exporter(checkpoint, decoder)})
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         staging = Path(tmp)
         contracts = {}
@@ -65,6 +66,16 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, w
         staging.rename(out)
         staging.mkdir()  # TemporaryDirectory removes its (now empty) directory on exit
     return out
+
+
+def decoder_exporter(checkpoint: Path, decoder: str):
+    """The traced decoder, or the fused one built from the checkpoint's tensors."""
+    if decoder == "traced":
+        return export_decoder
+    from qasr.export.fused_decoder import build_fused_decoder, check_fusable
+
+    check_fusable(load_config(checkpoint))
+    return lambda model, path: build_fused_decoder(checkpoint, path)
 
 
 def export_encoder(model: Thinker, path: Path) -> dict:

@@ -63,6 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     bundle = Bundle.load(args.bundle)
+    if bundle.fused_decoder:
+        raise EngineError(f"{bundle.path}: a fused decoder (ONNX Runtime's ops, which TensorRT does not parse); "
+                          "build engines from a bundle exported with --decoder traced")
     if args.max_audio <= 0:
         raise EngineError(f"--max-audio must be positive, not {args.max_audio:g}")
     if args.max_batch < 1:

@@ -77,6 +77,15 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = No
         raise UsageError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
+    if bundle.fused_decoder:  # the CUDA and TensorRT backends bind the traced decoder's contract
+        if backend not in ("auto", "onnxruntime"):
+            raise UsageError(f"{bundle.path}: its fused decoder runs on the onnxruntime backend only; "
+                             "export with --decoder traced for " + backend)
+        if precision not in ("auto", "fp32"):
+            raise UsageError(f"--precision {precision} is for the GPU backends; a fused bundle runs on the CPU")
+        from qasr.runtime.onnxruntime_fused import OnnxRuntimeFusedBackend
+
+        return OnnxRuntimeFusedBackend(bundle, threads=threads)
     if backend == "tensorrt" or (backend == "auto" and _tensorrt_usable(bundle)):
         from qasr.runtime.tensorrt_backend import TensorRTBackend
 

@@ -8,7 +8,10 @@ buys little) and leave at their end of sequence or budget, up to `max_batch` at 
 The KV cache is one block shared by the batch (docs/graphs.md): each request owns a region of it
 sized by its own prompt and budget, placed first-fit among the regions of the others, so a long
 recording beside short ones does not make every row as long as the longest. The block grows when
-a request finds no room and is sized afresh when the batch is empty.
+a request finds no room and is sized afresh when the batch is empty. A backend with one cache
+slot per batch row (the fused decoder: `slots = True`) gets `Slots` instead: the lowest free slot,
+its memory still its own rows (qasr.runtime.onnxruntime_fused); a free slot below the highest one
+in use runs as an idle row of each step.
 
 A stream (a Sequence with an `owner`) keeps its region between its steps: its next step re-decodes
 a prompt that only grew or changed at its end, so the rows of the unchanged part are reused
@@ -73,6 +76,41 @@ class Regions:
     def end(self) -> int:
         return max((start + rows for start, rows in self.taken.items()), default=0)
 
+    def fits(self, reserved) -> bool:
+        """Whether a cache of `reserved` rows (the backend's `reserved`) holds every region."""
+        return self.end <= reserved
+
+
+class Slots:
+    """Placement for backends with one cache slot per batch row (the fused decoder,
+    qasr.runtime.onnxruntime_fused): the lowest free slot, and every slot as long as the longest
+    request placed (rounded up to ALIGN rows). The same calls as Regions; a "start" is a slot."""
+
+    def __init__(self) -> None:
+        self.taken: dict[int, int] = {}  # slot -> rows
+
+    def place(self, rows: int) -> int:
+        slot = next(i for i in range(len(self.taken) + 1) if i not in self.taken)
+        self.taken[slot] = rows
+        return slot
+
+    def grow(self, slot: int, rows: int) -> bool:
+        self.taken[slot] = max(rows, self.taken[slot])
+        return True
+
+    def release(self, slot: int) -> None:
+        del self.taken[slot]
+
+    @property
+    def end(self) -> tuple[int, int]:
+        """(slots, rows per slot) the cache needs."""
+        rows = max(self.taken.values(), default=0)
+        return max(self.taken, default=-1) + 1, -(-rows // ALIGN) * ALIGN
+
+    def fits(self, reserved) -> bool:
+        slots, rows = self.end
+        return slots <= reserved[0] and rows <= reserved[1]
+
 
 class BatchDecoder:
     """The decode loop of a batch of `Sequence`s on one backend; `step()` until `idle`.
@@ -93,8 +131,11 @@ class BatchDecoder:
         self.running: list[Sequence] = []
         self.starts: dict[int, int] = {}  # id(sequence) -> its region's first row
         self.kept: dict[int, tuple[weakref.ref, int]] = {}  # id(owner) -> (owner, region) kept between its steps
-        self.regions = Regions()
-        self.rows = 0  # rows the backend's cache holds
+        self.regions = self._placement()
+        self.rows = backend.reserved  # what the backend's cache holds
+
+    def _placement(self) -> Regions | Slots:
+        return Slots() if getattr(self.backend, "slots", False) else Regions()
 
     def add(self, sequence: Sequence) -> None:
         self.waiting.append(sequence)
@@ -118,7 +159,7 @@ class BatchDecoder:
     def clear(self) -> None:
         """Drop every request and kept region (after a failure in the middle of a step: nothing is known good)."""
         self.waiting.clear()
-        self.running, self.starts, self.kept, self.regions = [], {}, {}, Regions()
+        self.running, self.starts, self.kept, self.regions = [], {}, {}, self._placement()
 
     def cancel(self, sequence: Sequence, error: QasrError) -> Sequence:
         """Between steps: drop a request (its client left) with `error`; its rows are free at once."""
@@ -177,7 +218,7 @@ class BatchDecoder:
         fresh = not self.running and not self.kept  # no row is in use: size the cache for the newcomers alone
         for sequence in joining:
             self.starts[id(sequence)] = self._place(sequence)
-        if fresh or self.regions.end > self.rows:
+        if fresh or not self.regions.fits(self.rows):
             try:
                 self.backend.reserve(self.regions.end, keep=not fresh)
                 self.rows = self.backend.reserved

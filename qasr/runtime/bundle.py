@@ -98,6 +98,12 @@ class Bundle:
     def model(self) -> dict:
         return self.manifest["model"]
 
+    @property
+    def fused_decoder(self) -> bool:
+        """Whether the decoder is the fused graph (docs/graphs.md, "decoder (fused)"): one cache
+        slot per batch row, ONNX Runtime's ops; only the onnxruntime backend runs it."""
+        return self.manifest["graphs"].get("decoder", {}).get("layout") == "slots"
+
     def graph_path(self, name: str) -> Path:
         """Path of graph `name`, checked to exist together with its external weights."""
         entry = self.manifest["graphs"].get(name)

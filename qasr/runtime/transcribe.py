@@ -52,6 +52,7 @@ class Transcriber(LoadedModel):
         self.audio_token = int(bundle.tokens["audio"])
         self.eos_ids = tuple(bundle.tokens["eos"])
         self._engine: BatchDecoder | None = None
+        self.loop_guard = False  # end repetition loops early (qasr.runtime.decode.LoopGuard): opt-in
 
     @property
     def engine(self) -> BatchDecoder:
@@ -144,7 +145,7 @@ class Transcriber(LoadedModel):
         embeds = embed_audio(self.backend, piece, self.window_frames, job.timings, job.name or "<audio>")
         budget = max_new_tokens or token_budget(len(piece) / SAMPLE_RATE)
         prompt = prompt_ids(self.tokenizer, context, job.forced, len(embeds))
-        return Sequence(prompt, embeds, self.audio_token, budget, self.eos_ids)
+        return Sequence(prompt, embeds, self.audio_token, budget, self.eos_ids, loop_guard=self.loop_guard)
 
     def _finish(self, job: _Job, aligner: Aligner | None) -> Transcript:
         """Parse each part's ids, add word times, join the parts."""
