@@ -58,10 +58,11 @@ class Transcriber:
 
     @classmethod
     def load(cls, model: str | Path = DEFAULT_MODEL, backend: str = "auto", threads: int | None = None,
-             weights: str = "fp32") -> Transcriber:
+             weights: str = "fp32", encoder_weights: str = "fp32") -> Transcriber:
         """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`);
-        a checkpoint is exported to a bundle at `weights` once, on first use, and cached."""
-        loaded = Bundle.load(resolve_model(model, "asr", weights))
+        a checkpoint is exported to a bundle at `weights` (and `encoder_weights`) once, on first use,
+        and cached."""
+        loaded = Bundle.load(resolve_model(model, "asr", weights, encoder_weights=encoder_weights))
         return cls(loaded, open_backend(loaded, backend, threads))
 
     @property

@@ -46,6 +46,8 @@ class Options:
     aligner: str | None = None
     backend: str = "auto"
     threads: int | None = None
+    weights: str = "fp32"  # a checkpoint's cached export (qasr.runtime.resolve)
+    encoder_weights: str = "fp32"
     api_key: str | None = None
     max_upload_mb: float = 100.0
     max_queue: int = 16
@@ -231,7 +233,8 @@ class Service:
         o = self.options
         started = time.perf_counter()
         try:
-            model = Transcriber.load(o.model, backend=o.backend, threads=o.threads)
+            model = Transcriber.load(o.model, backend=o.backend, threads=o.threads, weights=o.weights,
+                                     encoder_weights=o.encoder_weights)
             aligner = Aligner.load(o.aligner, backend=o.backend, threads=o.threads) if o.aligner else None
             # One second of silence through every graph: lazily loaded sessions (the decoder loads
             # in the background) are in memory before /health says ready.
