@@ -18,7 +18,6 @@ import ctypes.util
 import itertools
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -112,22 +111,6 @@ class StreamedGraph:
                 yield np.ascontiguousarray(block.T)
         else:
             yield self.values(name, transposed)
-
-    @contextmanager
-    def loaded(self, name: str) -> Iterator[None]:
-        """Initializer `name` holds its values inline for the block (for code that reads the proto)."""
-        tensor = self.initializer(name)
-        if tensor is None or name not in self.readers:
-            yield
-            return
-        placeholder = TensorProto()
-        placeholder.CopyFrom(tensor)
-        _inline(tensor)
-        tensor.raw_data = self.values(name).tobytes()
-        try:
-            yield
-        finally:
-            tensor.CopyFrom(placeholder)
 
     def save(self, path: Path, data: DataFile) -> None:
         """Write every initializer not yet in `data`, then the structure to `path`."""

@@ -186,14 +186,10 @@ def load_weights(checkpoint: str | Path, config: ModelConfig | None = None) -> d
 
 
 def _read(f, path: Path, name: str) -> torch.Tensor:
-    return _read_stored(f, path, name).float()
-
-
-def _read_stored(f, path: Path, name: str) -> torch.Tensor:
     from safetensors import SafetensorError
 
     try:
-        return f.get_tensor(name)
+        return f.get_tensor(name).float()
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: tensor {name} cannot be read ({_first_line(exc)})") from None
 
@@ -245,7 +241,7 @@ def official_name(parameter: str) -> str:
 
 def warn_if_head_untied(checkpoint: Path, config: ModelConfig, files: dict[str, Path]) -> None:
     """The warning `load_weights` gives for a stored head that a tied config ignores, comparing the
-    two tables block by block as stored (never both whole in memory)."""
+    two tables block by block (never both whole in memory)."""
     if not config.tied_head or HEAD_NAME not in files:
         return
     import torch
