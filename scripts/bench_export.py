@@ -13,7 +13,8 @@ in its own process under GNU time (`/usr/bin/time -v`: wall clock and peak resid
   ms/token, the encoder, the cold start (process start to first result) and the peak memory;
 - antirez/qwen-asr (bf16, memory-mapped) on the same checkpoint and audio, as scripts/bench_quant.py
   builds and runs it (a checkout beside this repository).
-A step whose record is in the cache is not run again (delete DIR/export-bench.json to redo).
+A step whose record is in the cache is not run again (delete DIR/export-bench.json to redo);
+`--report` writes the section from the steps recorded so far.
 Random weights give flat logits: these are speed and memory figures, not accuracy.
 """
 
@@ -52,7 +53,7 @@ def main() -> int:
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     audio = speech_file(args.cache, 10)
     peer = build_peer(args.cache)
-    for model in args.models:
+    for model in [] if args.report else args.models:
         for key, step in steps(model, args.cache, audio, peer, args):
             if key not in record:
                 print(f"{key} ...", file=sys.stderr, flush=True)
@@ -73,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=24, help="decode steps timed for the per-token median")
     p.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md as it is")
+    p.add_argument("--report", action="store_true", help="write the section from the steps already recorded")
     p.add_argument("--worker", nargs=2, metavar=("BUNDLE", "AUDIO"), help=argparse.SUPPRESS)
     p.add_argument("--spawned", type=float, default=0.0, help=argparse.SUPPRESS)
     return p
@@ -186,7 +188,7 @@ def report(record: dict, args) -> str:
             if "skipped" in row:
                 lines.append(f"| {model} | {name} | not run: {row['skipped']} | | | | | | |")
                 continue
-            label = name + (" (int8 encoder)" if name == "int4" else "")
+            label = name + (" (int8 encoder)" if name == "int4" else " (fp32 encoder)" if name == "int8" else "")
             first, second = row["first"], row["second"]
             ratio = f"{row['decode_ms'] / peer['decode_ms']:.2f}" if peer else ""
             lines.append(f"| {model} | {label} | {row['cold_start']:.1f} s | {first['setup']:.2f} s, "
