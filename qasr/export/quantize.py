@@ -32,6 +32,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -187,10 +188,11 @@ def quantize_matmuls(graph: StreamedGraph, out: DataFile, scheme: Scheme) -> Non
             model.graph.initializer.append(numpy_helper.from_array(values, name))
             out.store(model.graph.initializer[-1])
         del packed, scales, zero_points
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": scheme.bits, "block_size": scheme.block_size}
+        attrs.update({"accuracy_level": scheme.accuracy_level} if scheme.accuracy_level else {})
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], *(name for _, name in stored)], [node.output[0]],
                                       name=f"{node.name}_Q{scheme.bits}" if node.name else "", domain="com.microsoft",
-                                      K=k, N=n, bits=scheme.bits, block_size=scheme.block_size,
-                                      **({"accuracy_level": scheme.accuracy_level} if scheme.accuracy_level else {})))
+                                      **attrs))
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -201,7 +203,8 @@ def _pack(packer, blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(packed, scales, zero points) of a matrix given as blocks of its columns: each column is
     quantized on its own (blocks run along K), so packing block by block gives the same bytes."""
     parts = [packer.qbits_block_quant(block) for block in blocks]
-    return tuple(np.concatenate(part) for part in zip(*parts))
+    packed, scales, zero_points = (np.concatenate(part) for part in zip(*parts))
+    return packed, scales, zero_points
 
 
 def _packer(scheme: Scheme):
@@ -278,9 +281,13 @@ def gemms_to_matmuls(model: onnx.ModelProto, graph: StreamedGraph | None = None)
             if graph is not None and transposed:
                 graph.add_transpose(name, weight)
                 inits[name] = graph.initializer(name)
-            elif graph is not None:  # W as it is, under its MatMul name
-                graph.model.graph.initializer.append(TensorProto(name=name, data_type=weight.data_type, dims=weight.dims))
-                graph.readers[name] = lambda w=weight.name: iter([graph.values(w)])
+            elif graph is not None:  # W as it is, under its MatMul name, read as W is
+                copy = TensorProto()
+                copy.CopyFrom(weight)
+                copy.name = name
+                graph.model.graph.initializer.append(copy)
+                if weight.name in graph.readers:
+                    graph.readers[name] = graph.readers[weight.name]
                 inits[name] = graph.initializer(name)
             else:
                 matrix = numpy_helper.to_array(weight)

@@ -59,7 +59,7 @@ class StreamedGraph:
     def from_file(cls, path: Path) -> StreamedGraph:
         """A bundle's graph: its structure loaded, its external weights read from their file when needed."""
         model = onnx.load(str(path), load_external_data=False)
-        readers = {}
+        readers: dict[str, Reader] = {}
         for tensor in model.graph.initializer:
             if tensor.data_location == TensorProto.EXTERNAL:
                 info = {entry.key: entry.value for entry in tensor.external_data}
@@ -74,8 +74,10 @@ class StreamedGraph:
         """An initializer's values (a matrix's transpose if asked), read now and assembled from its
         blocks in one array (the caller drops it when done)."""
         tensor = self.initializer(name)
+        if tensor is None:
+            raise BundleError(f"initializer {name}: not in the graph")
         if name not in self.readers:
-            if tensor is None or tensor.data_location == TensorProto.EXTERNAL:
+            if tensor.data_location == TensorProto.EXTERNAL:
                 raise BundleError(f"initializer {name}: its values are not available")
             values = onnx.numpy_helper.to_array(tensor)
             return np.ascontiguousarray(values.T if transposed else values)
@@ -153,7 +155,7 @@ class DataFile:
             return
         offset = self.file.tell()
         for block in blocks:
-            self.file.write(memoryview(np.ascontiguousarray(block, dtype=dtype)).cast("B"))
+            self.file.write(np.ascontiguousarray(block, dtype=dtype).data)
             del block
         if self.file.tell() - offset != nbytes:
             raise BundleError(f"initializer {tensor.name}: read {self.file.tell() - offset} bytes, "
