@@ -55,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "bundle to quantize (no torch needed)")
     export.add_argument("--out", type=Path, help="the bundle directory to write (default: into qasr's model "
                         "cache, where --model finds it)")
-    export.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
-                        help="decoder (or aligner) weights, head and embedding included (default fp32)")
-    export.add_argument("--encoder-weights", choices=["fp32", "int8"], default="fp32",
-                        help="audio encoder and projector weights (default fp32)")
+    _weights_options(export)
     export.add_argument("--decoder", choices=["traced", "fused"], default="traced",
                         help="the decoder graph: traced from the PyTorch model (every backend), or fused from "
                              "the checkpoint's tensors (ONNX Runtime's GroupQueryAttention; the onnxruntime "
@@ -161,6 +158,14 @@ def _model_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="a bundle, a checkpoint directory or a Hugging Face id[@revision]; a checkpoint is "
                              f"exported once into the cache (default: {DEFAULT_MODEL})")
+    _weights_options(parser, "for a checkpoint or hub id, the cached export's ")
+
+
+def _weights_options(parser: argparse.ArgumentParser, scope: str = "") -> None:
+    parser.add_argument("--weights", choices=["fp32", "int8", "int4"], default="fp32",
+                        help=f"{scope}decoder (or aligner) weights, head and embedding included (default fp32)")
+    parser.add_argument("--encoder-weights", choices=["fp32", "int8"], default="fp32",
+                        help=f"{scope}audio encoder and projector weights (default fp32)")
 
 
 def _backend_options(parser: argparse.ArgumentParser) -> None:
@@ -204,7 +209,10 @@ def run_export(args: argparse.Namespace) -> int:
             out = cached_export(checkpoint, args.weights, name=args.checkpoint, encoder_weights=args.encoder_weights)
         else:
             from qasr.export.onnx_export import export_bundle
+            from qasr.runtime.resolve import preflight
 
+            memory, disk = preflight(checkpoint, args.out.parent, args.weights, args.encoder_weights, args.checkpoint)
+            progress(f"exporting needs about {memory / (1 << 30):.1f} GB of memory and {disk / (1 << 30):.1f} GB of disk")
             out = export_bundle(checkpoint, args.out, progress=progress, weights=args.weights,
                                 encoder_weights=args.encoder_weights, decoder=args.decoder)
     if args.prepack:
@@ -227,7 +235,8 @@ def run_transcribe(args: argparse.Namespace) -> int:
     if args.output_dir:
         writable_dir(args.output_dir, "the output directory")
     timestamps = args.timestamps or args.format in ("srt", "vtt")
-    model = Transcriber.load(args.model, backend=args.backend, threads=args.threads, precision=args.precision)
+    model = Transcriber.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
+                             encoder_weights=args.encoder_weights, precision=args.precision)
     model.loop_guard = args.loop_guard
     aligner = (Aligner.load(args.aligner or DEFAULT_ALIGNER, backend=args.backend, threads=args.threads,
                             precision=args.precision)
@@ -349,7 +358,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from qasr.serve.service import Options
 
     options = Options(model=args.model, aligner=args.aligner, backend=args.backend, threads=args.threads,
-                      precision=args.precision,
+                      precision=args.precision, weights=args.weights, encoder_weights=args.encoder_weights,
                       api_key=args.api_key or None, max_upload_mb=args.max_upload_mb, max_queue=args.max_queue,
                       max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, cors_origins=args.cors_origin,
                       drain_seconds=args.drain_seconds)

@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         from qasr.runtime.audio import load_audio
 
         blocks = _file_blocks(load_audio(args.audio), args.realtime)  # a bad file fails before the model loads
-    model = Transcriber.load(args.model, backend=args.backend, threads=args.threads, precision=args.precision)
+    model = Transcriber.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
+                             encoder_weights=args.encoder_weights, precision=args.precision)
     stream = model.stream(language=args.language, context=args.context, chunk_seconds=args.chunk_seconds,
                           unfixed_chunks=args.unfixed_chunks, unfixed_tokens=args.unfixed_tokens,
                           max_new_tokens=args.max_new_tokens, segment_seconds=args.segment_seconds)

@@ -1,6 +1,8 @@
-"""fp32 bundle -> int8 / int4 weight-only bundle, through ONNX Runtime's own quantizer.
+"""fp32 graphs -> int8 / int4 weight-only graphs, through ONNX Runtime's own quantizer, weight by weight.
 
-A post-pass over the canonical fp32 graphs (they stay the source of truth): every weight matrix
+A pass over the canonical fp32 graphs (they stay the source of truth), from an fp32 bundle or
+straight from a checkpoint's traced graphs (qasr.export.onnx_export), one weight in memory at a
+time (qasr.export.weight_stream): every weight matrix
 of the decoder (or aligner), the output head included, becomes a `MatMulNBits` (block-wise along
 K, one scale per block, ONNX Runtime's `matmul_nbits_quantizer`), and the embedding gather becomes
 a `GatherBlockQuantized`. The graphs keep their contracts (inputs, outputs, fp32 logits), so the
@@ -30,15 +32,15 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_model
-
 from qasr import __version__
 from qasr.errors import BundleError, UsageError
-from qasr.export.onnx_files import DATA_THRESHOLD, graph_contract, unalias_shared_weights
+from qasr.export.onnx_files import graph_contract, unalias_shared_weights
+from qasr.export.weight_stream import DataFile, StreamedGraph, return_freed_tensors
 from qasr.runtime.bundle import MANIFEST, Bundle, staged
 
 WEIGHTS = ("fp32", "int8", "int4")
@@ -78,9 +80,9 @@ def quantize_bundle(source: str | Path, out: str | Path, weights: str = "int4", 
     out = Path(out)
     if out.resolve() == bundle.path.resolve():
         raise UsageError(f"{out}: write the quantized bundle beside its fp32 source, not over it (verify needs both)")
+    return_freed_tensors()
     manifest = json.loads(json.dumps(bundle.manifest))
-    manifest["precision"] = weights
-    manifest["weights"] = {}
+    settings = {}
     with staged(out) as staging:
         for name, entry in bundle.manifest["graphs"].items():
             precision = encoder_weights if name in AUDIO_GRAPHS else weights
@@ -89,17 +91,26 @@ def quantize_bundle(source: str | Path, out: str | Path, weights: str = "int4", 
                     shutil.copyfile(bundle.path / file, staging / file)
                 continue
             progress(f"quantizing {name} to {precision}")
-            contract, manifest["weights"][name] = quantize_graph(bundle.graph_path(name), staging / entry["file"],
-                                                                 SCHEMES[precision])
+            contract, settings[name] = quantize_graph(
+                StreamedGraph.from_file(bundle.graph_path(name)), staging / entry["file"], SCHEMES[precision])
             kept = {key: entry[key] for key in ("layout", "qk_norm") if key in entry}  # the fused decoder's
             manifest["graphs"][name] = {**contract, **kept}
         _copy_other_files(bundle, staging)
-        import onnxruntime
-
-        manifest["quantizer"] = {"name": QUANTIZER, "onnxruntime": onnxruntime.__version__, "qasr": __version__}
-        manifest["reference"] = str(bundle.path.resolve()) if reference else None
+        manifest = quantized_manifest(manifest, weights, settings, str(bundle.path.resolve()) if reference else None)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     return out
+
+
+def quantized_manifest(manifest: dict, weights: str, settings: dict, reference: str | None) -> dict:
+    """An fp32 manifest whose graphs' contracts are already the quantized ones, marked as quantized:
+    the settings per graph, the quantizer that wrote them, and the fp32 bundle `qasr verify` compares
+    with (None when the checkpoint was quantized directly)."""
+    import onnxruntime
+
+    manifest = {**manifest, "precision": weights, "weights": settings}
+    manifest["quantizer"] = {"name": QUANTIZER, "onnxruntime": onnxruntime.__version__, "qasr": __version__}
+    manifest["reference"] = reference
+    return manifest
 
 
 def check_weights(weights: str, encoder_weights: str) -> None:
@@ -133,29 +144,78 @@ def _copy_other_files(bundle: Bundle, staging: Path) -> None:
             shutil.copytree(item, staging / item.name)
 
 
-def quantize_graph(src: Path, dst: Path, scheme: Scheme) -> tuple[dict, dict]:
-    """One fp32 graph file -> its quantized copy with its own data file; (contract, settings)."""
-    model = onnx.load(str(src), load_external_data=False)
+def quantize_graph(graph: StreamedGraph, dst: Path, scheme: Scheme) -> tuple[dict, dict]:
+    """One fp32 graph -> its quantized copy `dst` with its own data file; (contract, settings).
+
+    Weight by weight: each weight is read, packed by ONNX Runtime's block quantizer into the node
+    its MatMulNBitsQuantizer writes, and its packed form goes to the data file at once, so memory
+    holds one fp32 weight and the graph's structure, never the graph's weights.
+    """
+    model = graph.model
     unalias_shared_weights(model)  # a tied head and the embedding: one initializer, quantized once
-    load_external_data_for_model(model, str(src.parent))
     block = _block_size(model, scheme.block_size)
-    gemms_to_matmuls(model)
-    quantizer = _quantizer().MatMulNBitsQuantizer(model, bits=scheme.bits, block_size=block,
-                                                  is_symmetric=scheme.symmetric, accuracy_level=scheme.accuracy_level,
-                                                  op_types_to_quantize=("MatMul",))
-    quantizer.process()
-    model = quantizer.model.model
-    aliases = quantize_gathers(model, Scheme(scheme.bits, block, scheme.symmetric, scheme.accuracy_level))
+    gemms_to_matmuls(model, graph)
+    scheme = Scheme(scheme.bits, block, scheme.symmetric, scheme.accuracy_level)
     data = dst.with_name(dst.name + ".data")
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=DATA_THRESHOLD)
+    with DataFile(data) as out:
+        quantize_matmuls(graph, out, scheme)
+        aliases = quantize_gathers(graph, out, scheme)
+        graph.save(dst, out)
     _write_aliases(dst, aliases)
     if not any(node.op_type == "SimplifiedLayerNormalization" for node in model.graph.node):
         onnx.checker.check_model(str(dst))  # it knows no ORT ops in the ONNX domain (the fused decoder's)
     saved = onnx.load(str(dst), load_external_data=False)
-    settings = {**asdict(scheme), "block_size": block, "format": "MatMulNBits",
+    settings = {**asdict(scheme), "format": "MatMulNBits",
                 "quantized": _count_ops(saved), "tied_table_stored_once": bool(aliases)}
     return {"file": dst.name, "data": [data.name], **graph_contract(saved)}, settings
+
+
+def quantize_matmuls(graph: StreamedGraph, out: DataFile, scheme: Scheme) -> None:
+    """MatMul(x, W) on a 2-D float weight -> MatMulNBits, as ONNX Runtime's MatMulNBitsQuantizer
+    (QOperator format) writes it: W packed to `<W>_Q<bits>` [N, K blocks, blob], `<W>_scales`,
+    `<W>_zero_points` when asymmetric, node `<name>_Q<bits>`; each written to `out` at once."""
+    model = graph.model
+    packer = _packer(scheme)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is None or len(weight.dims) != 2 or weight.data_type != TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        k, n = weight.dims
+        packed, scales, zero_points = _pack(packer, graph.column_blocks(weight.name))
+        stored = [(packed, f"{weight.name}_Q{scheme.bits}"), (scales, f"{weight.name}_scales")]
+        stored += [] if scheme.symmetric else [(zero_points, f"{weight.name}_zero_points")]
+        for values, name in stored:
+            model.graph.initializer.append(numpy_helper.from_array(values, name))
+            out.store(model.graph.initializer[-1])
+        del packed, scales, zero_points
+        attrs: dict[str, Any] = {"K": k, "N": n, "bits": scheme.bits, "block_size": scheme.block_size}
+        attrs.update({"accuracy_level": scheme.accuracy_level} if scheme.accuracy_level else {})
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], *(name for _, name in stored)], [node.output[0]],
+                                      name=f"{node.name}_Q{scheme.bits}" if node.name else "", domain="com.microsoft",
+                                      **attrs))
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _pack(packer, blocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(packed, scales, zero points) of a matrix given as blocks of its columns: each column is
+    quantized on its own (blocks run along K), so packing block by block gives the same bytes."""
+    parts = [packer.qbits_block_quant(block) for block in blocks]
+    packed, scales, zero_points = (np.concatenate(part) for part in zip(*parts))
+    return packed, scales, zero_points
+
+
+def _packer(scheme: Scheme):
+    """ONNX Runtime's block quantizer (the kernel its MatMulNBitsQuantizer calls) for `scheme`."""
+    ort_quantizer = _quantizer()
+    return ort_quantizer.DefaultWeightOnlyQuantizer(ort_quantizer.DefaultWeightOnlyQuantConfig(
+        block_size=scheme.block_size, is_symmetric=scheme.symmetric, bits=scheme.bits,
+        accuracy_level=scheme.accuracy_level))
 
 
 def qdq_int4(model: onnx.ModelProto, block_size: int = TENSORRT_INT4_BLOCK) -> onnx.ModelProto:
@@ -202,11 +262,12 @@ def _gather_tables(model: onnx.ModelProto) -> dict[str, TensorProto]:
     return tables
 
 
-def gemms_to_matmuls(model: onnx.ModelProto) -> None:
+def gemms_to_matmuls(model: onnx.ModelProto, graph: StreamedGraph | None = None) -> None:
     """Gemm(x, W, b, transB=1) on a weight initializer -> MatMul(x, W^T) (+ b), which the quantizer reads.
 
     W^T is a new initializer `<W>.t`; the quantizer replaces it by its packed form, whose rows are
-    the rows of W again (so a tied head packs to exactly the embedding table's layout).
+    the rows of W again (so a tied head packs to exactly the embedding table's layout). In a
+    streamed `graph` W^T is read when needed; otherwise `model` holds its weights and W^T is made now.
     """
     inits = {t.name: t for t in model.graph.initializer}
     nodes = []
@@ -219,10 +280,22 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> None:
             continue
         name = f"{weight.name}.t"
         if name not in inits:
-            matrix = numpy_helper.to_array(weight)
-            inits[name] = numpy_helper.from_array(np.ascontiguousarray(matrix.T if attrs.get("transB", 0) else matrix),
-                                                  name)
-            model.graph.initializer.append(inits[name])
+            transposed = bool(attrs.get("transB", 0))
+            if graph is not None and transposed:
+                graph.add_transpose(name, weight)
+                inits[name] = graph.initializer(name)
+            elif graph is not None:  # W as it is, under its MatMul name, read as W is
+                copy = TensorProto()
+                copy.CopyFrom(weight)
+                copy.name = name
+                graph.model.graph.initializer.append(copy)
+                if weight.name in graph.readers:
+                    graph.readers[name] = graph.readers[weight.name]
+                inits[name] = graph.initializer(name)
+            else:
+                matrix = numpy_helper.to_array(weight)
+                inits[name] = numpy_helper.from_array(np.ascontiguousarray(matrix.T if transposed else matrix), name)
+                model.graph.initializer.append(inits[name])
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         product = f"{node.output[0]}/matmul" if bias else node.output[0]
         nodes.append(helper.make_node("MatMul", [node.input[0], name], [product], name=f"{node.name}/MatMul"))
@@ -232,19 +305,18 @@ def gemms_to_matmuls(model: onnx.ModelProto) -> None:
     model.graph.node.extend(nodes)
 
 
-def quantize_gathers(model: onnx.ModelProto, scheme: Scheme) -> dict[str, str]:
+def quantize_gathers(graph: StreamedGraph, out: DataFile, scheme: Scheme) -> dict[str, str]:
     """Embedding Gathers -> GatherBlockQuantized; returns {alias: packed head weight} for tied tables.
 
     A table the head also reads takes the head's packed weight, scales and zero points (the alias
     is written after saving, over the same bytes); an untied one is packed here by the quantizer's
-    own block kernel, in the same layout.
+    own block kernel, in the same layout, and written to `out` at once.
     """
-    ort_quantizer = _quantizer()
+    model = graph.model
     inits = {t.name: t for t in model.graph.initializer}
     tables = _gather_tables(model)
     aliases: dict[str, str] = {}
-    packer = ort_quantizer.DefaultWeightOnlyQuantizer(ort_quantizer.DefaultWeightOnlyQuantConfig(
-        block_size=scheme.block_size, is_symmetric=scheme.symmetric, bits=scheme.bits))
+    packer = _packer(scheme)
     nodes = []
     for node in model.graph.node:
         table = tables.get(node.input[0]) if node.op_type == "Gather" else None
@@ -258,12 +330,13 @@ def quantize_gathers(model: onnx.ModelProto, scheme: Scheme) -> dict[str, str]:
             aliases[data] = packed_name
             stem = f"{table.name}.t"
         else:
-            packed, scales, zero_points = packer.qbits_block_quant(np.ascontiguousarray(numpy_helper.to_array(table).T))
+            packed, scales, zero_points = _pack(packer, graph.column_blocks(table.name, transposed=True))
             data, stem = f"{table.name}_Q{scheme.bits}", table.name
-            model.graph.initializer.extend([
-                numpy_helper.from_array(packed.reshape(rows, width * scheme.bits // 8), data),
-                numpy_helper.from_array(scales, f"{stem}_scales"),
-                numpy_helper.from_array(zero_points, f"{stem}_zero_points")])
+            for values, name in ((packed.reshape(rows, width * scheme.bits // 8), data), (scales, f"{stem}_scales"),
+                                 (zero_points, f"{stem}_zero_points")):
+                model.graph.initializer.append(numpy_helper.from_array(values, name))
+                out.store(model.graph.initializer[-1])
+            del packed, scales, zero_points
         inputs = [data, node.input[1], f"{stem}_scales"] + ([] if scheme.symmetric else [f"{stem}_zero_points"])
         nodes.append(helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=f"{node.name}_Q",
                                       domain="com.microsoft", bits=scheme.bits, block_size=scheme.block_size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ DECODER_PREFIX = "thinker.model."
 HEAD_NAME = "thinker.lm_head.weight"
 EMBED_NAME = DECODER_PREFIX + "embed_tokens.weight"
 FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}
+BLOCK_BYTES = 64 << 20  # rows read at a time by the bounded export
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -192,6 +194,73 @@ def _read(f, path: Path, name: str) -> torch.Tensor:
         raise CheckpointError(f"{path}: tensor {name} cannot be read ({_first_line(exc)})") from None
 
 
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor in float32, the file opened for it alone.
+
+    safetensors maps the whole file; the pages a read touches count as this process's memory
+    until the map closes, so a reader that keeps the file open grows to the checkpoint's size.
+    """
+    with _open(path) as f:
+        return _read(f, path, name)
+
+
+def read_rows(path: Path, name: str, block_bytes: int = BLOCK_BYTES) -> Iterator[torch.Tensor]:
+    """A tensor in blocks of rows of about `block_bytes` in float32, the file opened per block, so that
+    reading the 1.24 GB embedding of the 1.7B holds one block of it at a time."""
+    with _open(path) as f:
+        shape = f.get_slice(name).get_shape()
+    if not shape:
+        yield read_tensor(path, name)
+        return
+    step = max(1, block_bytes // (4 * math.prod(shape[1:])))
+    for start in range(0, shape[0], step):
+        with _open(path) as f:
+            yield _read_slice(f, path, name, start, start + step).float()
+
+
+def _read_slice(f, path: Path, name: str, start: int, stop: int) -> torch.Tensor:
+    from safetensors import SafetensorError
+
+    try:
+        return f.get_slice(name)[start:stop]
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: tensor {name} cannot be read ({_first_line(exc)})") from None
+
+
+def official_name(parameter: str) -> str:
+    """The checkpoint name of a Thinker parameter (`decoder.layers.0...` -> `thinker.model.layers.0...`)."""
+    part, _, rest = parameter.partition(".")
+    if part in ("encoder", "projector"):
+        return ENCODER_PREFIX + rest
+    if part == "decoder":
+        return DECODER_PREFIX + rest
+    if parameter == "head.weight":
+        return HEAD_NAME
+    raise CheckpointError(f"{parameter}: not a parameter of the official checkpoint")
+
+
+def warn_if_head_untied(checkpoint: Path, config: ModelConfig, files: dict[str, Path]) -> None:
+    """The warning `load_weights` gives for a stored head that a tied config ignores, comparing the
+    two tables block by block (never both whole in memory)."""
+    if not config.tied_head or HEAD_NAME not in files:
+        return
+    import torch
+
+    with _open(files[EMBED_NAME]) as f, _open(files[HEAD_NAME]) as g:
+        same = f.get_slice(EMBED_NAME).get_shape() == g.get_slice(HEAD_NAME).get_shape()
+    pairs = zip(read_rows(files[EMBED_NAME], EMBED_NAME), read_rows(files[HEAD_NAME], HEAD_NAME))
+    if not (same and all(torch.equal(a, b) for a, b in pairs)):
+        _warn_untied(checkpoint)
+
+
+def _warn_untied(checkpoint: Path) -> None:
+    warnings.warn(
+        f"{checkpoint}: tie_word_embeddings is true but {HEAD_NAME} differs from embed_tokens; "
+        "using embed_tokens, as transformers does",
+        stacklevel=3,
+    )
+
+
 def _resolve_head(config: ModelConfig, tensors: dict, checkpoint: Path) -> dict[str, torch.Tensor]:
     """A tied head is embed_tokens, whatever else is stored (transformers ties them at load)."""
     import torch
@@ -201,10 +270,6 @@ def _resolve_head(config: ModelConfig, tensors: dict, checkpoint: Path) -> dict[
     embed = tensors[EMBED_NAME]
     stored = tensors.get(HEAD_NAME)
     if stored is not None and (stored.shape != embed.shape or not torch.equal(stored, embed)):
-        warnings.warn(
-            f"{checkpoint}: tie_word_embeddings is true but {HEAD_NAME} differs from embed_tokens; "
-            "using embed_tokens, as transformers does",
-            stacklevel=2,
-        )
+        _warn_untied(checkpoint)
     tensors[HEAD_NAME] = embed
     return tensors

@@ -34,12 +34,12 @@ class LoadedModel:
 
     @classmethod
     def load(cls: type[Loaded], model: str | Path | None = None, backend: str = "auto", threads: int | None = None,
-             weights: str = "fp32", precision: str = "auto") -> Loaded:
+             weights: str = "fp32", encoder_weights: str = "fp32", precision: str = "auto") -> Loaded:
         """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`),
-        by default the class's `default`; a checkpoint is exported to a bundle at `weights` once, on
-        first use, and cached. `precision` is the GPU's compute type (auto, fp32, fp16, bf16; see
-        open_backend)."""
-        loaded = Bundle.load(resolve_model(model or cls.default, cls.kind, weights))
+        by default the class's `default`; a checkpoint is exported to a bundle at `weights` (and
+        `encoder_weights`) once, on first use, and cached. `precision` is the GPU's compute type
+        (auto, fp32, fp16, bf16; see open_backend)."""
+        loaded = Bundle.load(resolve_model(model or cls.default, cls.kind, weights, encoder_weights=encoder_weights))
         return cls(loaded, open_backend(loaded, backend, threads, precision))
 
     @property

@@ -87,6 +87,7 @@ class OnnxRuntimeBackend(Backend):
         return self.sessions["projector"].run(None, {"hidden": hidden})[0]
 
     def reserve(self, rows: int, keep: bool = True) -> None:
+        self.sessions["decoder"]  # a first call waits here for the decoder still loading: setup, not prefill
         if self.cache is not None and self.cache.shape[4] == rows:
             return
         layers, two, one, heads, _, dim = self.cache_shape

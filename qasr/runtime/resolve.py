@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -56,8 +57,9 @@ def cache_dir() -> Path:
 
 
 def resolve_model(spec: str | os.PathLike, kind: str = "asr", weights: str = "fp32",
-                  progress: Progress = _say) -> Path:
-    """The bundle directory for `spec`: a bundle itself, or the cached export of a checkpoint or hub id.
+                  progress: Progress = _say, encoder_weights: str = "fp32") -> Path:
+    """The bundle directory for `spec`: a bundle itself, or the cached export of a checkpoint or hub id
+    at `weights` (and `encoder_weights`).
 
     `kind` ("asr" or "aligner") is checked on a checkpoint's config before a minute is spent
     exporting the wrong model.
@@ -67,7 +69,7 @@ def resolve_model(spec: str | os.PathLike, kind: str = "asr", weights: str = "fp
         return path
     checkpoint = checkpoint_dir(str(spec))
     _check_kind(checkpoint, kind)
-    return cached_export(checkpoint, weights, progress, name=str(spec))
+    return cached_export(checkpoint, weights, progress, name=str(spec), encoder_weights=encoder_weights)
 
 
 def checkpoint_dir(spec: str) -> Path:
@@ -141,13 +143,79 @@ def _export_entry(checkpoint: Path, entry: Path, digest: str, weights: tuple[str
         raise UsageError(f"{name}: a checkpoint, not a qasr bundle; exporting it needs the export extra: "
                          f"{EXPORT_HINT}") from None
     precision = entry.name.split("-", 1)[1]
-    progress(f"first use of {name}: exporting it to ONNX ({precision}) into {entry}; this takes a minute, once")
+    memory, disk = preflight(checkpoint, entry.parent, *weights, name=name)
+    progress(f"first use of {name}: exporting it to ONNX ({precision}) into {entry}; this takes minutes, once, "
+             f"and needs about {_gb(memory)} of memory and {_gb(disk)} of disk")
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
         staged = export_bundle(checkpoint, Path(tmp) / "bundle", progress=progress, weights=weights[0],
                                encoder_weights=weights[1])
         record = {"sha256": digest, "weights": precision, "files": _sizes(staged)}
         (staged / ENTRY_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
         staged.rename(entry)
+
+
+def preflight(checkpoint: Path, out: Path, weights: str, encoder_weights: str, name: str,
+              memory: int | None = None, disk: int | None = None) -> tuple[int, int]:
+    """(memory, disk) that exporting `checkpoint` into `out` needs; refuses in one line when this
+    machine clearly lacks them (`memory`/`disk`: what it has, read from the system when not given)."""
+    need_memory, need_disk = export_needs(checkpoint, weights, encoder_weights)
+    memory = available_memory() if memory is None else memory
+    disk = shutil.disk_usage(out).free if disk is None else disk
+    for what, need, have in (("memory", need_memory, memory), ("disk space", need_disk, disk)):
+        if have < need:
+            where = f" in {out}" if what == "disk space" else ""
+            raise UsageError(f"{name}: exporting it needs about {_gb(need)} of {what}{where}; this machine has "
+                             f"{_gb(have)} available (free some, or export it elsewhere and copy the bundle)")
+    return need_memory, need_disk
+
+
+BASE_MEMORY = 1 << 30  # Python, torch, ONNX, the traced structure and one block of rows, measured at 0.6-1.0 GB
+BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1 + 4 / 128, "int4": 0.5 + (4 + 0.5) / 128}  # scales (and zero points) per block
+
+
+def export_needs(checkpoint: Path, weights: str = "fp32", encoder_weights: str = "fp32") -> tuple[int, int]:
+    """(memory, disk) in bytes to export `checkpoint`, from its config alone.
+
+    The export holds one block of rows at a time; quantizing holds one whole weight in fp32 (the
+    head's transpose, the largest) with its packed form (docs/benchmarks.md, "Bounded export").
+    """
+    from qasr.models.checkpoint import expected_shapes, parameter_counts
+
+    config = load_config(checkpoint)
+    largest = max(math.prod(shape) for shape in expected_shapes(config).values()) * 4
+    quantized = weights != "fp32" or encoder_weights != "fp32"
+    memory = BASE_MEMORY + (largest * 3 // 2 if quantized else 0)
+    counts = parameter_counts(config)
+    audio = counts["encoder"] + counts["projector"]
+    disk = audio * BYTES_PER_WEIGHT[encoder_weights] + (sum(counts.values()) - audio) * BYTES_PER_WEIGHT[weights]
+    return int(memory), int(disk * 1.05)  # and the tokenizer, the graphs' structure
+
+
+def available_memory() -> int:
+    """Memory this process can use: MemAvailable, or the cgroup's limit less its use when lower, or
+    QASR_MEMORY_GB when set (say, to leave room for other work on a shared machine)."""
+    if os.environ.get("QASR_MEMORY_GB"):
+        try:
+            return int(float(os.environ["QASR_MEMORY_GB"]) * (1 << 30))
+        except ValueError:
+            raise UsageError(f"QASR_MEMORY_GB={os.environ['QASR_MEMORY_GB']!r}: not a number of GB") from None
+    figures = []
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        figures.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            figures.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(figures) if figures else sys.maxsize
+
+
+def _gb(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GB"
 
 
 def _sizes(bundle: Path) -> dict[str, int]:

@@ -47,6 +47,8 @@ class Options:
     backend: str = "auto"
     threads: int | None = None
     precision: str = "auto"
+    weights: str = "fp32"  # a checkpoint's cached export (qasr.runtime.resolve)
+    encoder_weights: str = "fp32"
     api_key: str | None = None
     max_upload_mb: float = 100.0
     max_queue: int = 16
@@ -232,7 +234,8 @@ class Service:
         o = self.options
         started = time.perf_counter()
         try:
-            model = Transcriber.load(o.model, backend=o.backend, threads=o.threads, precision=o.precision)
+            model = Transcriber.load(o.model, backend=o.backend, threads=o.threads, weights=o.weights,
+                                     encoder_weights=o.encoder_weights, precision=o.precision)
             aligner = (Aligner.load(o.aligner, backend=o.backend, threads=o.threads, precision=o.precision)
                        if o.aligner else None)
             # One second of silence through every graph: lazily loaded sessions (the decoder loads

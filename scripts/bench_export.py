@@ -1,0 +1,205 @@
+"""Bounded export and the 1.7B beside the 0.6B: the numbers behind docs/benchmarks.md's "The 1.7B on a
+small machine" section.
+
+    python scripts/bench_export.py [--models 0.6b 1.7b] [--cache DIR] [--threads 2] [--steps 24] [--no-write]
+
+For each full-size random checkpoint (made once in the cache by qasr.models.synthetic), every step
+in its own process under GNU time (`/usr/bin/time -v`: wall clock and peak resident memory):
+- `qasr export CKPT --out fp32` and `qasr export CKPT --out int4 --weights int4 --encoder-weights int8`
+  (straight from the checkpoint, no fp32 graph written), then `qasr export fp32 --out int8 --weights
+  int8` (from the bundle);
+- for each bundle (fp32 only where the machine has the memory it takes), a 10 s recording: the first
+  call after loading and a second one (their setup and prefill), the forced decode's median
+  ms/token, the encoder, the cold start (process start to first result) and the peak memory;
+- antirez/qwen-asr (bf16, memory-mapped) on the same checkpoint and audio, as scripts/bench_quant.py
+  builds and runs it (a checkout beside this repository).
+A step whose record is in the cache is not run again (delete DIR/export-bench.json to redo);
+`--report` writes the section from the steps recorded so far.
+Random weights give flat logits: these are speed and memory figures, not accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench_quant import build_peer, peer_run  # noqa: E402  (scripts/ is this script's own directory)
+
+from qasr.bench import DEFAULT_CACHE, machine, speech_file, status_kb, write_section  # noqa: E402
+
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- export:begin -->", "<!-- export:end -->"
+RUN_MEMORY = {"0.6b": 4.5e9, "1.7b": 12e9}  # what the fp32 bundle's run needs free (ONNX Runtime packs every weight)
+
+
+def main() -> int:
+    args = parser().parse_args()
+    if args.worker:
+        print(json.dumps(worker(Path(args.worker[0]), Path(args.worker[1]), args)), flush=True)
+        return 0
+    args.cache.mkdir(parents=True, exist_ok=True)
+    record_file = args.cache / "export-bench.json"
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    audio = speech_file(args.cache, 10)
+    peer = build_peer(args.cache)
+    for model in [] if args.report else args.models:
+        for key, step in steps(model, args.cache, audio, peer, args):
+            if key not in record:
+                print(f"{key} ...", file=sys.stderr, flush=True)
+                record[key] = step()
+                record_file.write_text(json.dumps(record, indent=1))
+            print(f"{key}: {record[key]}", file=sys.stderr, flush=True)
+    text = report(record, args)
+    print(text)
+    if not args.no_write:
+        write_section(DOC, BEGIN, END, text)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["0.6b", "1.7b"], choices=["0.6b", "1.7b"])
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "export")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=24, help="decode steps timed for the per-token median")
+    p.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md as it is")
+    p.add_argument("--report", action="store_true", help="write the section from the steps already recorded")
+    p.add_argument("--worker", nargs=2, metavar=("BUNDLE", "AUDIO"), help=argparse.SUPPRESS)
+    p.add_argument("--spawned", type=float, default=0.0, help=argparse.SUPPRESS)
+    return p
+
+
+def steps(model: str, cache: Path, audio: Path, peer: Path, args):
+    """(record key, step) in order: checkpoint, exports, runs, the peer."""
+    checkpoint, bundle = cache / f"ckpt-{model}", lambda name: cache / f"{model}-{name}"
+    yield f"{model} checkpoint", lambda: _checkpoint(checkpoint, model)
+    yield f"{model} export fp32", lambda: timed(["export", str(checkpoint), "--out", str(bundle("fp32"))], bundle("fp32"))
+    yield f"{model} export int4", lambda: timed(["export", str(checkpoint), "--out", str(bundle("int4")), "--weights",
+                                                 "int4", "--encoder-weights", "int8"], bundle("int4"))
+    yield f"{model} export int8", lambda: timed(["export", str(bundle("fp32")), "--out", str(bundle("int8")),
+                                                 "--weights", "int8"], bundle("int8"))
+    for name in ("fp32", "int8", "int4"):
+        yield f"{model} run {name}", lambda name=name: run(bundle(name), audio, model, name, args)
+    yield f"{model} run antirez/qwen-asr", lambda: peer_run(peer, checkpoint, audio, args)
+
+
+def _checkpoint(path: Path, model: str) -> dict:
+    from qasr.models.synthetic import make_checkpoint
+
+    if not (path / "config.json").is_file():
+        make_checkpoint(path, model)
+    return {"bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
+
+
+def timed(argv: list[str], out: Path) -> dict:
+    """`qasr ARGV` under GNU time: wall seconds, peak resident memory, and the bundle's size."""
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "qasr", *argv], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"qasr {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", done.stderr).group(1)
+    seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
+    peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {"seconds": seconds, "peak_gb": peak_kb * 1024 / 1e9, "bundle_gb": size / 1e9}
+
+
+def run(bundle: Path, audio: Path, model: str, name: str, args) -> dict:
+    """A fresh process of this script's worker, or a note that the machine lacks the memory."""
+    from qasr.runtime.resolve import available_memory
+
+    if name == "fp32" and available_memory() < RUN_MEMORY[model]:
+        return {"skipped": f"needs about {RUN_MEMORY[model] / 1e9:.0f} GB free; "
+                           f"{available_memory() / 1e9:.1f} GB were available"}
+    command = [sys.executable, __file__, "--worker", str(bundle), str(audio), "--threads", str(args.threads),
+               "--steps", str(args.steps), "--spawned", repr(time.time())]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"worker failed on {bundle}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def worker(bundle: Path, audio: Path, args) -> dict:
+    """Load, transcribe twice (one token each: the first call's setup and prefill against the
+    second's), then a forced decode of steps + 1 tokens for the per-token median."""
+    from qasr.runtime.audio import load_audio
+    from qasr.runtime.decode import greedy_decode
+    from qasr.runtime.embed import embed_audio
+    from qasr.runtime.prompt import prompt_ids
+    from qasr.runtime.transcribe import Transcriber
+
+    model = Transcriber.load(bundle, backend="onnxruntime", threads=args.threads)
+    calls = []
+    for _ in range(2):
+        timings = model.transcribe(str(audio), max_new_tokens=1).timings
+        calls.append({key: timings[key] for key in ("encoder", "setup", "prefill")} | {"ended": time.time()})
+    wave = load_audio(str(audio))
+    embeds = embed_audio(model.backend, wave, model.window_frames)
+    stamps: list[float] = []
+    greedy_decode(model.backend, prompt_ids(model.tokenizer, "", None, len(embeds)), embeds, model.audio_token,
+                  args.steps + 1, eos_ids=(), on_token=lambda _: stamps.append(time.perf_counter()))
+    return {"cold_start": calls[0]["ended"] - args.spawned, "first": calls[0], "second": calls[1],
+            "decode_ms": 1000 * float(np.median(np.diff(stamps))), "peak_gb": (status_kb("VmHWM") or 0) * 1024 / 1e9}
+
+
+def report(record: dict, args) -> str:
+    lines = [
+        "## The 1.7B on a small machine: bounded export, quantization, run time",
+        "",
+        f"{datetime.date.today()}, `python scripts/bench_export.py --models {' '.join(args.models)}` "
+        f"({args.threads} threads). {machine()}. The machine was shared with other engineers' jobs while "
+        "this ran (every figure is from one run; compare within a table). Full-size random checkpoints "
+        "(bf16, the released shapes); random weights give flat logits: speed and memory, not accuracy.",
+        "",
+        "| model | step | time | peak memory | result |",
+        "|---|---|---|---|---|",
+    ]
+    for model in args.models:
+        ck = record.get(f"{model} checkpoint", {})
+        for name, step in (("fp32", "`qasr export CKPT --out B`"),
+                           ("int4", "`qasr export CKPT --out Q --weights int4 --encoder-weights int8` (no fp32 bundle)"),
+                           ("int8", "`qasr export B --out Q8 --weights int8` (from the fp32 bundle)")):
+            row = record.get(f"{model} export {name}")
+            if row:
+                lines.append(f"| {model} | {step} | {row['seconds'] / 60:.1f} min | {row['peak_gb']:.2f} GB | "
+                             f"bundle {row['bundle_gb']:.2f} GB (checkpoint {ck.get('bytes', 0) / 1e9:.2f} GB) |")
+    lines += ["", "A 10 s recording, ONNX Runtime, each bundle in a fresh process; \"first call\" is the first "
+              "`transcribe` after loading, whose setup includes waiting for the decoder still loading in the "
+              "background (the second call shows the steady state):", "",
+              "| model | system | cold start | first call: setup, prefill | second call: setup, prefill | "
+              "encoder | decode ms/token | x antirez | peak memory |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for model in args.models:
+        peer = record.get(f"{model} run antirez/qwen-asr")
+        for name in ("fp32", "int8", "int4"):
+            row = record.get(f"{model} run {name}")
+            if not row:
+                continue
+            if "skipped" in row:
+                lines.append(f"| {model} | {name} | not run: {row['skipped']} | | | | | | |")
+                continue
+            label = name + (" (int8 encoder)" if name == "int4" else " (fp32 encoder)" if name == "int8" else "")
+            first, second = row["first"], row["second"]
+            ratio = f"{row['decode_ms'] / peer['decode_ms']:.2f}" if peer else ""
+            lines.append(f"| {model} | {label} | {row['cold_start']:.1f} s | {first['setup']:.2f} s, "
+                         f"{first['prefill']:.2f} s | {second['setup']:.2f} s, {second['prefill']:.2f} s | "
+                         f"{second['encoder']:.2f} s | {row['decode_ms']:.0f} | {ratio} | {row['peak_gb']:.2f} GB |")
+        if peer:
+            lines.append(f"| {model} | antirez/qwen-asr (bf16) | {peer['cold_start']:.1f} s | prefill+encoder "
+                         f"{peer['ttft']:.2f} s | | {peer['encoder']:.2f} s | {peer['decode_ms']:.0f} | 1.00 | "
+                         f"{peer['peak_rss_gb']:.2f} GB |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
