@@ -98,7 +98,7 @@ BIG = dataclasses.replace(  # the tiny model around one large tensor: a 151936 x
 TABLE_BYTES = 151936 * 512 * 4
 MEASURE = """
 import sys
-from qasr.bench import status_kb
+from qasr.memory import status_kb
 from qasr.cli import main
 from qasr.export import onnx_export, quantize  # noqa: F401  (imports counted in the baseline)
 base = status_kb("VmRSS") * 1024
