@@ -107,7 +107,7 @@ class Report:
     def _truth_figures(self) -> dict[str, float]:
         """CER of the bundle and of the fp32 reference against the true transcripts, over all clips."""
         def cer(which: int) -> float:
-            counts = [text_errors(c.texts[which], c.truth) for c in self.clips]
+            counts = [text_errors(c.texts[which], c.truth or "") for c in self.clips]
             edits, chars = sum(e for e, _ in counts), sum(n for _, n in counts)
             return edits / chars if chars else float(edits > 0)
 
@@ -182,7 +182,8 @@ def verify(bundle: str, audios: list, reference: str | None = None, backend: str
         if ref.bundle.manifest["source"]["sha256"] != model.bundle.manifest["source"]["sha256"]:
             raise UsageError(f"{ref.bundle.path}: exported from another checkpoint than {model.bundle.path}")
         report = Report(str(model.bundle.path), str(ref_path), model.backend.name, stage_precisions(model))
-        for audio, truth in zip(audios, texts or [None] * len(audios)):
+        truths: list[str | None] = list(texts) if texts is not None else [None] * len(audios)
+        for audio, truth in zip(audios, truths):
             report.clips.append(replace(_verify_clip(model, ref, audio, max_new_tokens), truth=truth))
     return report
 
