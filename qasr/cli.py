@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "bundle the model was quantized from, when its manifest records one)")
     verify.add_argument("--format", choices=["text", "json"], default="text")
     verify.add_argument("--max-new-tokens", type=_positive, help="cap the token budget (default grows with the audio)")
+    verify.add_argument("--text", action="append", help="the true transcript of an audio file, or a UTF-8 file "
+                        "holding it; once per audio, in order: adds each run's CER against it")
     _backend_options(verify)
     verify.set_defaults(run=run_verify)
 
@@ -272,7 +274,8 @@ def run_verify(args: argparse.Namespace) -> int:
     from qasr.runtime.verify import verify
 
     report = verify(args.model, args.audio, reference=args.reference, backend=args.backend, threads=args.threads,
-                    max_new_tokens=args.max_new_tokens, precision=args.precision)
+                    max_new_tokens=args.max_new_tokens, precision=args.precision,
+                    texts=args.text and [_read_text(t) for t in args.text])
     print(json.dumps(report.to_dict(), ensure_ascii=False) if args.format == "json" else report.to_text(), end="")
     print("" if args.format == "text" else "\n", end="")
     shortfall = report.shortfall()

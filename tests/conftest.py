@@ -105,3 +105,28 @@ def hub_cache():
 
     lay_out.commit = "0123456789abcdef0123456789abcdef01234567"
     return lay_out
+
+
+DEMO_MODEL = DATA.parent.parent / "models" / "qwen3-asr-demo"
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The committed demo checkpoint exported to an fp32 bundle (once per session)."""
+    from qasr.export.onnx_export import export_bundle
+
+    return export_bundle(DEMO_MODEL, tmp_path_factory.mktemp("demo") / "fp32", progress=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory):
+    """held_out(count, seed) -> [(wav path, language, text)]: new sentences from the demo model's word
+    lists, spoken with the voice and speed its training never used (needs espeak-ng and sox)."""
+    import shutil
+
+    from qasr.models.demo_data import held_out_clips
+
+    if not (shutil.which("espeak-ng") and shutil.which("sox")):
+        pytest.skip("needs espeak-ng and sox (apt install espeak-ng sox)")
+    folder = tmp_path_factory.mktemp("held-out")
+    return lambda count=6, seed=2026: held_out_clips(DEMO_MODEL, folder, count, seed)

@@ -9,7 +9,7 @@ import pytest
 
 from qasr.cli import main
 from qasr.export.quantize import quantize_bundle
-from qasr.runtime.verify import LIMITS, Clip, Report, edit_distance, id_agreement
+from qasr.runtime.verify import LIMITS, Clip, Report, edit_distance, id_agreement, normalize_text, text_errors
 
 DATA = Path(__file__).parent / "data"
 EN, ZH = str(DATA / "en_16k_s16.wav"), str(DATA / "zh_16k_f32_loud.wav")
@@ -82,6 +82,27 @@ def test_shortfall_names_the_first_stage_outside_its_limit():
     assert report.shortfall() == (f"decoder: mean logit cosine 0.9895 is outside the int8 limit "
                                   f"(>= {LIMITS['int8'].logit_cosine:g})")
     assert clip.first_divergence == 1 and report.figures()["text"]["cer"] == pytest.approx(1 / 3)
+
+
+def test_cer_against_the_true_text_is_judged_by_its_rise_over_fp32():
+    def report(bundle_text):
+        clip = Clip("a.wav", 0.0, 1.0, [1.0], [True], ([1], [1]), ("the cat sat", bundle_text), truth="The cat sat.")
+        return Report("b", "r", "onnxruntime", {"audio": "fp32", "decoder": "int4", "ids": "int4", "text": "int4"},
+                      [clip])
+
+    assert report("the cat sat").figures()["truth"] == {"cer": 0.0, "reference_cer": 0.0, "rise": 0.0}
+    worse = report("the bat sat")
+    assert worse.figures()["truth"]["cer"] == pytest.approx(1 / 11)
+    assert worse.shortfall() == (f"text: CER rise over fp32 against the true text 0.09091 is outside the int4 limit "
+                                 f"(<= {LIMITS['int4'].truth_rise:g})")
+    assert "truth" in worse.to_text() and "truth" not in Report("b", "r", "x", worse.precision, [
+        Clip("a.wav", 0.0, 1.0, [1.0], [True], ([1], [1]), ("a", "a"))]).figures()
+
+
+def test_text_is_compared_without_case_punctuation_or_cjk_spaces():
+    assert normalize_text("Hello,  World!") == "hello world"
+    assert normalize_text("我们 中国。 ok") == "我们中国 ok"
+    assert text_errors("hello word", "Hello world.") == (1, 11)
 
 
 def test_metrics():

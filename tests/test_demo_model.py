@@ -1,0 +1,131 @@
+"""The demo model (models/qwen3-asr-demo) transcribes speech it never heard, on every path.
+
+Held-out sentences from its word lists are spoken at test time by espeak-ng with the voice and
+speed its training never used. The server's text must be the CLI's and the official package's
+transcripts qasr's. The CER bounds are what this model reaches on these 6 short clips (69
+characters: one character is 1.4 points), not the goals of issue 23 (fp32 at most 5 %, int8
+within 0.5 points, int4 within 2, streaming within 2), which it misses: fp32 31.9 % here (13.6 %
+on the 20 clips of scripts/bench_demo.py), int8 one character worse, int4 and streaming each 4
+characters worse on one clip (on the 20 clips int8, streaming and the server are identical to
+fp32 and int4 is 0.4 points better). See docs/demo-model.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qasr.cli import main
+from qasr.export.quantize import quantize_bundle
+from qasr.runtime.transcribe import Transcriber
+from qasr.runtime.verify import text_errors
+from serving import cli_text
+
+FP32_CER = 0.35
+
+
+def cer(pairs) -> float:
+    """CER over all (hypothesis, reference) pairs together."""
+    counts = [text_errors(h, r) for h, r in pairs]
+    return sum(e for e, _ in counts) / sum(n for _, n in counts)
+
+
+@pytest.fixture(scope="module")
+def clips(held_out):
+    return held_out(6)
+
+
+@pytest.fixture(scope="module")
+def quantized(demo_bundle, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("demo-quant")
+    done = lambda line: None  # noqa: E731
+    return {"int8": quantize_bundle(demo_bundle, folder / "int8", "int8", progress=done),
+            "int4": quantize_bundle(demo_bundle, folder / "int4", "int4", encoder_weights="int8", progress=done)}
+
+
+@pytest.fixture(scope="module")
+def offline(demo_bundle, clips):
+    """fp32 results on ONNX Runtime: [(language, text)] per clip."""
+    model = Transcriber.load(str(demo_bundle), backend="onnxruntime")
+    return [(r.language, r.text) for r in (model.transcribe(path) for path, _, _ in clips)]
+
+
+def test_fp32_transcribes_held_out_speech(clips, offline):
+    assert [lang for lang, _ in offline] == [lang for _, lang, _ in clips]
+    measured = cer(zip([t for _, t in offline], [t for _, _, t in clips]))
+    assert measured <= FP32_CER, (measured, offline)
+
+
+@pytest.mark.parametrize("weights, rise", [("int8", 0.02), ("int4", 0.08)])
+def test_quantized_weights_stay_near_fp32(clips, offline, quantized, weights, rise):
+    model = Transcriber.load(str(quantized[weights]), backend="onnxruntime")
+    texts = [model.transcribe(path).text for path, _, _ in clips]
+    truth = [t for _, _, t in clips]
+    assert cer(zip(texts, truth)) <= cer(zip([t for _, t in offline], truth)) + rise, (texts, offline)
+
+
+@pytest.mark.parametrize("segment", [None, "0"])
+def test_streaming_stays_near_offline(clips, offline, demo_bundle, segment):
+    truth = [t for _, _, t in clips]
+    texts = []
+    for path, _, _ in clips:
+        argv = ["stream", path, "--model", demo_bundle, "--format", "jsonl"]
+        events = cli_text(*argv, *(["--segment-seconds", segment] if segment else [])).splitlines()
+        final = json.loads(events[-1])
+        assert final["final"]
+        texts.append(final["text"])
+    assert cer(zip(texts, truth)) <= cer(zip([t for _, t in offline], truth)) + 0.08, (texts, offline)
+
+
+def test_the_checkpoint_directory_gives_the_bundle_text(clips, offline):
+    """`qasr transcribe --model models/qwen3-asr-demo` exports it into the cache on first use."""
+    from conftest import DEMO_MODEL
+
+    assert cli_text("transcribe", clips[0][0], "--model", DEMO_MODEL) == offline[0][1] + "\n"
+
+
+def test_the_official_package_gives_the_same_transcripts(clips, offline):
+    import oracle
+    from conftest import DEMO_MODEL
+    from qasr.runtime.audio import load_audio
+
+    official = oracle.load_official(DEMO_MODEL, max_new_tokens=64)
+    for (path, _, _), (language, text) in zip(clips, offline):
+        result, _ = oracle.official_transcribe(official, (load_audio(path), 16000))
+        assert (result.language, result.text) == (language, text)
+
+
+def test_the_server_gives_the_cli_text(clips, demo_bundle):
+    import openai
+
+    from qasr.serve.service import Options
+    from serving import RunningServer
+
+    running = RunningServer(Options(model=str(demo_bundle), backend="onnxruntime"))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
+        for path, _, _ in clips:
+            with open(path, "rb") as f:
+                served = client.audio.transcriptions.create(model="qasr", file=f, response_format="text")
+            assert served == cli_text("transcribe", path, "--model", demo_bundle)
+    finally:
+        running.stop()
+
+
+def test_verify_reports_cer_against_the_given_text(capsys, clips, quantized):
+    paths, texts = [p for p, _, _ in clips], [t for _, _, t in clips]
+    code = main(["verify", str(quantized["int8"]), *paths, *[a for t in texts for a in ("--text", t)],
+                 "--format", "json"])
+    report = json.loads(capsys.readouterr().out)
+    truth = report["figures"]["truth"]
+    assert truth["cer"] == pytest.approx(cer(zip([c["text"] for c in report["clips"]], texts)))
+    assert truth["reference_cer"] <= FP32_CER
+    assert truth["rise"] == pytest.approx(truth["cer"] - truth["reference_cer"])
+    assert code == (0 if report["shortfall"] is None else 1)
+
+
+def test_verify_wants_one_text_per_audio(capsys, clips, quantized):
+    code = main(["verify", str(quantized["int8"]), clips[0][0], clips[1][0], "--text", "one"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "give one per audio" in err
