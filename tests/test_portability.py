@@ -15,6 +15,8 @@ ROOT = Path(__file__).parent.parent
 
 HIDE = """
 import builtins, io, sys
+import ray.serve  # the ray extra's own Linux modules (its vendored psutil reads `resource`) load first:
+                  # on Windows its Windows ones would; what is checked is qasr's code
 sys.modules["fcntl"] = None     # `import fcntl` raises ImportError, as on Windows
 sys.modules["resource"] = None
 _open = io.open
