@@ -173,3 +173,12 @@ def test_the_transport_sends_stable_text_then_the_final_one(server, monkeypatch)
     assert events[-1].transcript == "one two three four five six"
     assert "".join(deltas) == events[-1].transcript and len(deltas) > 2
     assert not any(d.isupper() for d in deltas)  # the revised (upper-case) last word is never sent
+
+
+def test_a_character_still_being_decoded_is_not_sent():
+    from qasr.serve.realtime import Item
+
+    item = Item("item", stream=None)
+    texts = ["treinta \ufffd", "treinta \ufffd", "treinta 공", "treinta 공개", "treinta 공개합"]
+    deltas = [item.delta(Step(t, "", False)) for t in texts]
+    assert deltas == ["", "treinta ", "", "공", "개"]

@@ -73,10 +73,17 @@ class Item:
     seconds: float = 0.0
 
     def delta(self, event) -> str:
-        """New stable text of `event` past what was sent ("" while it revises text already sent)."""
+        """New stable text of `event` past what was sent ("" while it revises text already sent).
+
+        A step's text can end in U+FFFD, the bytes of a character whose last token has not come
+        yet; two steps may agree on it, but the next step turns it into the whole character. Sent,
+        it would make every later text disagree with what was sent, and the deltas would stop for
+        the rest of the turn, so unfinished text stops before it."""
         stable = event.text if event.final else os.path.commonprefix([self.previous, event.text])
         if len(event.committed) > len(stable) and event.text.startswith(event.committed):
             stable = event.committed
+        if not event.final:
+            stable = stable.split("\ufffd", 1)[0]
         self.previous = event.text
         if len(stable) > len(self.sent) and stable.startswith(self.sent):
             delta, self.sent = stable[len(self.sent):], stable

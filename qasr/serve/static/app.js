@@ -221,7 +221,12 @@ async function startRecording() {
   $("transcript").value = "";
   updateButtons();
   try {
-    mic.stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
+    // The raw microphone, as an uploaded file reaches the model: the browser's call processing
+    // (echo cancellation, noise suppression, automatic gain) is on by default and reshapes the
+    // waveform: in tests/test_page.py its gain lifted speech 1.6x, clipped it and cut the received
+    // PCM's match to the file from 0.98 to 0.71, and the demo model misheard the altered words.
+    mic.stream = await navigator.mediaDevices.getUserMedia({ audio: {
+      channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });
     mic.context = new AudioContext({ sampleRate: 16000 });
     await mic.context.audioWorklet.addModule("/static/worklet.js");
     mic.ws = await openRealtime(mic);
