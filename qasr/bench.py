@@ -357,6 +357,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB (load average at start {load}); {', '.join(versions)}"
 
 
+def publish(text: str, begin: str, end: str, write: bool = True) -> None:
+    """A benchmark's section: printed, and (unless `write` is off: --no-write) put into docs/benchmarks.md."""
+    print(text)
+    if write:
+        write_section(DOC, begin, end, text)
+
+
 def write_section(doc: Path, begin: str, end: str, text: str) -> None:
     """Replace the text between two markers in `doc` (appending the section if it is new)."""
     current = doc.read_text(encoding="utf-8") if doc.is_file() else "# Benchmarks\n"

@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench_quant import build_peer, peer_run  # noqa: E402  (scripts/ is this script's own directory)
 
-from qasr.bench import DEFAULT_CACHE, machine, speech_file, status_kb, write_section  # noqa: E402
+from qasr.bench import DEFAULT_CACHE, machine, publish, speech_file  # noqa: E402
+from qasr.memory import status_kb  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- export:begin -->", "<!-- export:end -->"
 RUN_MEMORY = {"0.6b": 4.5e9, "1.7b": 12e9}  # what the fp32 bundle's run needs free (ONNX Runtime packs every weight)
 
@@ -61,9 +61,7 @@ def main() -> int:
                 record_file.write_text(json.dumps(record, indent=1))
             print(f"{key}: {record[key]}", file=sys.stderr, flush=True)
     text = report(record, args)
-    print(text)
-    if not args.no_write:
-        write_section(DOC, BEGIN, END, text)
+    publish(text, BEGIN, END, write=not args.no_write)
     return 0
 
 

@@ -28,9 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_quant import PEER_SOURCE, build_peer, peer_run, qasr_run  # noqa: E402
 
-from qasr.bench import machine, speech_file, write_section  # noqa: E402
+from qasr.bench import machine, publish, speech_file  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- fused:begin -->", "<!-- fused:end -->"
 SYSTEMS = {"traced fp32": ("traced", "fp32"), "fused fp32": ("fused", "fp32"),
            "traced int4": ("traced", "int4"), "fused int4": ("fused", "int4")}
@@ -60,9 +59,7 @@ def main() -> int:
              for weights in ("fp32", "int4")}
     (args.work / "runs.json").write_text(json.dumps({"rows": rows, "nodes": nodes, "pairs": pairs}, indent=1))
     text = report(rows, nodes, args) + "\n\n" + pair_report(pairs, args)
-    print(text)
-    if not args.no_write:
-        write_section(DOC, BEGIN, END, text)
+    publish(text, BEGIN, END, write=not args.no_write)
     return 0
 
 

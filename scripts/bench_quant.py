@@ -28,9 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qasr.bench import DEFAULT_CACHE, bytes_per_token, machine, measure_bandwidth, prepare, speech_file, write_section  # noqa: E402
+from qasr.bench import DEFAULT_CACHE, bytes_per_token, machine, measure_bandwidth, prepare, publish, speech_file  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- quant:begin -->", "<!-- quant:end -->"
 PEER_SOURCE = Path(__file__).resolve().parent.parent.parent / "qwen-asr"  # a checkout of antirez/qwen-asr beside this repo
 # name -> (decoder weights, encoder weights, prepacked)
@@ -79,9 +78,7 @@ def main() -> int:
             f"between them)\n\n{machine()}. The machine was shared with other engineers' jobs while this "
             "ran; every figure is a ratio to peers measured in the same run.")
     text = "\n\n".join([head, *[(work / f"{name}.md").read_text() for name in SECTIONS if (work / f"{name}.md").is_file()]])
-    print(text)
-    if not args.no_write:
-        write_section(DOC, BEGIN, END, text)
+    publish(text, BEGIN, END, write=not args.no_write)
     return 0
 
 
