@@ -1,8 +1,8 @@
 """Train the demo Qwen3-ASR (models/qwen3-asr-demo) on speech synthesized here, in under an hour on 2 cores.
 
-    nice python scripts/train_demo_model.py --out /tmp/demo-2000 --work /tmp/demo-train
-    nice python scripts/train_demo_model.py --out models/qwen3-asr-demo --work /tmp/demo-train \
-        --resume /tmp/demo-2000 --lr 1e-3
+    nice python scripts/train_demo_model.py --out .bench/demo-2000 --work .bench/demo-train
+    nice python scripts/train_demo_model.py --out models/qwen3-asr-demo --work .bench/demo-train \
+        --resume .bench/demo-2000 --lr 1e-3
 
 The committed model is these two runs: 2000 steps from random weights, then 2000 more from that
 checkpoint with a fresh warm-up and cosine at half the peak rate (--resume), which took the
@@ -75,7 +75,7 @@ EOS, PAD = "<|im_end|>", "<|endoftext|>"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="models/qwen3-asr-demo")
-    p.add_argument("--work", default="/tmp/qasr-demo-train", help="synthesized audio and features")
+    p.add_argument("--work", default=".bench/demo-train", help="synthesized audio and features (ignored by git)")
     p.add_argument("--words", type=int, default=40, help="words per language")
     p.add_argument("--sentence-words", type=int, nargs=2, default=(2, 4), help="fewest and most words a sentence")
     p.add_argument("--utterances", type=int, default=4000, help="training sentences, half per language")
