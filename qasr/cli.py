@@ -211,10 +211,11 @@ def run_export(args: argparse.Namespace) -> int:
             out = cached_export(checkpoint, args.weights, name=args.checkpoint, encoder_weights=args.encoder_weights)
         else:
             from qasr.export.onnx_export import export_bundle
+            from qasr.memory import gb
             from qasr.runtime.resolve import preflight
 
             memory, disk = preflight(checkpoint, args.out.parent, args.weights, args.encoder_weights, args.checkpoint)
-            progress(f"exporting needs about {memory / (1 << 30):.1f} GB of memory and {disk / (1 << 30):.1f} GB of disk")
+            progress(f"exporting needs about {gb(memory)} of memory and {gb(disk)} of disk")
             out = export_bundle(checkpoint, args.out, progress=progress, weights=args.weights,
                                 encoder_weights=args.encoder_weights, decoder=args.decoder)
     if args.prepack:

@@ -1,13 +1,18 @@
-"""This process's resident memory, where the operating system tells it.
+"""Memory, where the operating system tells it: this process's resident set, and what is free.
 
-Linux's /proc/self/status gives the resident set now (VmRSS) and its high-water mark (VmHWM).
-Elsewhere (macOS, Windows) a figure that cannot be read is None or NaN, "unknown", and nothing
+Linux's /proc/self/status gives the resident set now (VmRSS) and its high-water mark (VmHWM),
+/proc/meminfo and the cgroup files what a first-use export may take. Elsewhere (macOS, Windows) a
+figure that cannot be read is None or NaN, "unknown" (or no limit, for what is free), and nothing
 fails: the server's /health and the benchmarks report memory, they never depend on it.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+
+from qasr.errors import UsageError
 
 
 def status_kb(field: str) -> int | None:
@@ -35,8 +40,34 @@ def peak_rss_gb() -> float:
         return peak / 1e6
     try:
         import resource
-        import sys
     except ImportError:
         return float("nan")
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 1e9 if sys.platform == "darwin" else maxrss / 1e6
+
+
+def available_memory() -> int:
+    """Memory this process can use: MemAvailable, or the cgroup's limit less its use when lower, or
+    QASR_MEMORY_GB when set (say, to leave room for other work on a shared machine)."""
+    if os.environ.get("QASR_MEMORY_GB"):
+        try:
+            return int(float(os.environ["QASR_MEMORY_GB"]) * (1 << 30))
+        except ValueError:
+            raise UsageError(f"QASR_MEMORY_GB={os.environ['QASR_MEMORY_GB']!r}: not a number of GB") from None
+    figures = []
+    try:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        figures.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            figures.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(figures) if figures else sys.maxsize
+
+
+def gb(size: int) -> str:
+    return f"{size / (1 << 30):.1f} GB"

@@ -114,7 +114,7 @@ def timed(argv: list[str], out: Path) -> dict:
 
 def run(bundle: Path, audio: Path, model: str, name: str, args) -> dict:
     """A fresh process of this script's worker, or a note that the machine lacks the memory."""
-    from qasr.runtime.resolve import available_memory
+    from qasr.memory import available_memory
 
     if name == "fp32" and available_memory() < RUN_MEMORY[model]:
         return {"skipped": f"needs about {RUN_MEMORY[model] / 1e9:.0f} GB free; "

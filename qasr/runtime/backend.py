@@ -6,7 +6,6 @@ tested on ONNX Runtime; TensorRT implements the same calls with its cache on the
 
 from __future__ import annotations
 
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from qasr.errors import EngineError, UsageError
 from qasr.runtime.bundle import ENGINES, ENGINES_RECORD, Bundle
+from qasr.runtime.resolve import say
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-cuda", "tensorrt")
 
@@ -95,7 +95,7 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = No
 
         chosen = gpu_precision(bundle, precision)
         if chosen != "fp32":
-            ensure_derived(bundle, chosen, progress or _say)
+            ensure_derived(bundle, chosen, progress or say)
         return OnnxRuntimeCudaBackend(bundle, precision=chosen, threads=threads)
     if precision not in ("auto", "fp32"):
         raise UsageError(f"--precision {precision} is for the GPU backends (onnxruntime-cuda, tensorrt); on the "
@@ -103,10 +103,6 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = No
     from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(bundle, threads=threads)
-
-
-def _say(line: str) -> None:
-    print(f"qasr: {line}", file=sys.stderr, flush=True)
 
 
 def _tensorrt_usable(bundle: Bundle) -> bool:

@@ -20,6 +20,7 @@ how the binding and the derived fp16 graphs are checked on a machine without a G
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -31,6 +32,7 @@ import onnxruntime as ort
 
 from qasr.errors import BundleError, EngineError, UsageError
 from qasr.jsonfile import read_json
+from qasr.runtime.backend import PRECISIONS
 from qasr.runtime.bundle import DERIVED_RECORD, ENGINES, Bundle, cache_names, derived_dir, derived_is_current
 from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from qasr.runtime.resolve import locked
@@ -40,7 +42,6 @@ PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProv
 # A graph's float type -> the element type ORT allocates and binds (numpy's, or ONNX's number for
 # bf16, which numpy lacks: only device buffers ever hold it) and its size in bytes.
 CACHE_TYPES: dict[str, tuple[Any, int]] = {"float32": (np.float32, 4), "float16": (np.float16, 2), "bfloat16": (16, 2)}
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 GPU_AUTO = "fp16"  # what `--precision auto` runs on onnxruntime-cuda: see docs/tensorrt.md for the figures
 STEP_INPUTS = ("input_ids", "position", "cache_start")
 # ONNX Runtime's own log level for the GPU sessions: errors only (3), so normal operation prints
@@ -98,9 +99,11 @@ def ensure_derived(bundle: Bundle, precision: str, progress: Callable[[str], Non
                           f"run `qasr build {bundle.path} --precision {precision} --graphs-only` where it is") from None
 
 
+@functools.cache
 def quiet_onnxruntime() -> None:
     """ONNX Runtime's process-wide logger at LOG_LEVEL; its CUDA libraries found in pip's nvidia
-    packages where they are installed (onnxruntime-gpu's preload_dlls, 1.21 and later)."""
+    packages where they are installed (onnxruntime-gpu's preload_dlls, 1.21 and later). Both are
+    process-wide, so once per process, not once per backend."""
     ort.set_default_logger_severity(LOG_LEVEL)
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
@@ -256,10 +259,9 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
             self.device_steps[batch] = self._device_call(np.zeros((batch, 1), dtype=np.int64), audio,
                                                          np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64))
         call = self.device_steps[batch]
-        feeds = (np.asarray(ids, dtype=np.int64).reshape(batch, 1), np.asarray(positions, dtype=np.int64),
-                 np.asarray(starts, dtype=np.int64))
+        feeds = (np.reshape(ids, (batch, 1)), positions, starts)
         for name, array in zip(STEP_INPUTS, feeds):
-            call.inputs[name].update_inplace(np.ascontiguousarray(array))
+            call.inputs[name].update_inplace(np.ascontiguousarray(array, dtype=np.int64))
         self.sessions["decoder"].run_with_iobinding(call.binding)
         for b, row in enumerate(rows):
             self._write_rows(call.rows, b, int(row))

@@ -30,6 +30,7 @@ from filelock import FileLock, Timeout
 
 from qasr.errors import BundleError, CheckpointError, QasrError, UsageError
 from qasr.jsonfile import read_record
+from qasr.memory import available_memory, gb
 from qasr.models.config import INDEX_FILE, SINGLE_FILE, load_config
 from qasr.runtime.bundle import MANIFEST, Bundle
 
@@ -44,7 +45,7 @@ EXPORT_HINT = ('pip install "qwen3-asr-edge[export]", or run `qasr export` on a 
 Progress = Callable[[str], None]
 
 
-def _say(line: str) -> None:
+def say(line: str) -> None:
     print(f"qasr: {line}", file=sys.stderr, flush=True)
 
 
@@ -57,7 +58,7 @@ def cache_dir() -> Path:
 
 
 def resolve_model(spec: str | os.PathLike, kind: str = "asr", weights: str = "fp32",
-                  progress: Progress = _say, encoder_weights: str = "fp32") -> Path:
+                  progress: Progress = say, encoder_weights: str = "fp32") -> Path:
     """The bundle directory for `spec`: a bundle itself, or the cached export of a checkpoint or hub id
     at `weights` (and `encoder_weights`).
 
@@ -112,7 +113,7 @@ def _check_kind(checkpoint: Path, kind: str) -> None:
         raise BundleError(f"{checkpoint}: {names[found]}, not {names[kind]}")
 
 
-def cached_export(checkpoint: Path, weights: str = "fp32", progress: Progress = _say, name: str | None = None,
+def cached_export(checkpoint: Path, weights: str = "fp32", progress: Progress = say, name: str | None = None,
                   encoder_weights: str = "fp32") -> Path:
     """The cache entry for `checkpoint` at `weights` (and `encoder_weights`), exported under its lock
     if missing or damaged.
@@ -145,7 +146,7 @@ def _export_entry(checkpoint: Path, entry: Path, digest: str, weights: tuple[str
     precision = entry.name.split("-", 1)[1]
     memory, disk = preflight(checkpoint, entry.parent, *weights, name=name)
     progress(f"first use of {name}: exporting it to ONNX ({precision}) into {entry}; this takes minutes, once, "
-             f"and needs about {_gb(memory)} of memory and {_gb(disk)} of disk")
+             f"and needs about {gb(memory)} of memory and {gb(disk)} of disk")
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
         staged = export_bundle(checkpoint, Path(tmp) / "bundle", progress=progress, weights=weights[0],
                                encoder_weights=weights[1])
@@ -164,8 +165,8 @@ def preflight(checkpoint: Path, out: Path, weights: str, encoder_weights: str, n
     for what, need, have in (("memory", need_memory, memory), ("disk space", need_disk, disk)):
         if have < need:
             where = f" in {out}" if what == "disk space" else ""
-            raise UsageError(f"{name}: exporting it needs about {_gb(need)} of {what}{where}; this machine has "
-                             f"{_gb(have)} available (free some, or export it elsewhere and copy the bundle)")
+            raise UsageError(f"{name}: exporting it needs about {gb(need)} of {what}{where}; this machine has "
+                             f"{gb(have)} available (free some, or export it elsewhere and copy the bundle)")
     return need_memory, need_disk
 
 
@@ -189,33 +190,6 @@ def export_needs(checkpoint: Path, weights: str = "fp32", encoder_weights: str =
     audio = counts["encoder"] + counts["projector"]
     disk = audio * BYTES_PER_WEIGHT[encoder_weights] + (sum(counts.values()) - audio) * BYTES_PER_WEIGHT[weights]
     return int(memory), int(disk * 1.05)  # and the tokenizer, the graphs' structure
-
-
-def available_memory() -> int:
-    """Memory this process can use: MemAvailable, or the cgroup's limit less its use when lower, or
-    QASR_MEMORY_GB when set (say, to leave room for other work on a shared machine)."""
-    if os.environ.get("QASR_MEMORY_GB"):
-        try:
-            return int(float(os.environ["QASR_MEMORY_GB"]) * (1 << 30))
-        except ValueError:
-            raise UsageError(f"QASR_MEMORY_GB={os.environ['QASR_MEMORY_GB']!r}: not a number of GB") from None
-    figures = []
-    try:
-        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        figures.append(int(meminfo["MemAvailable"].split()[0]) * 1024)
-    except (OSError, KeyError, ValueError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            figures.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(figures) if figures else sys.maxsize
-
-
-def _gb(size: int) -> str:
-    return f"{size / (1 << 30):.1f} GB"
 
 
 def _sizes(bundle: Path) -> dict[str, int]:
