@@ -1,17 +1,8 @@
 """qwen3-asr-edge: Qwen3-ASR and Qwen3-ForcedAligner on ONNX Runtime and TensorRT, without PyTorch."""
 
-__version__ = "0.1.0"
-__all__ = ["Aligner", "Transcriber", "__version__"]
+from qasr.runtime.align import Aligner
+from qasr.runtime.options import TranscribeOptions
+from qasr.runtime.transcribe import Transcriber
+from qasr.version import __version__
 
-
-def __getattr__(name: str):
-    """Transcriber and Aligner load on first use, so `import qasr` (and the CLI) start fast."""
-    if name == "Transcriber":
-        from qasr.runtime.transcribe import Transcriber
-
-        return Transcriber
-    if name == "Aligner":
-        from qasr.runtime.align import Aligner
-
-        return Aligner
-    raise AttributeError(f"module 'qasr' has no attribute {name!r}")
+__all__ = ["Aligner", "TranscribeOptions", "Transcriber", "__version__"]

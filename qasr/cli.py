@@ -12,19 +12,36 @@ import os
 import sys
 from pathlib import Path
 
-from qasr import __version__
+from qasr import stream_cli
+from qasr.cache import writable_dir
 from qasr.errors import QasrError, UsageError
 from qasr.export import tensorrt_build
-from qasr.runtime.backend import BACKENDS, PRECISIONS
-from qasr.runtime.resolve import DEFAULT_ALIGNER, DEFAULT_MODEL
+from qasr.memory import gb
+from qasr.models.checkpoint import check_checkpoint, parameter_counts
+from qasr.models.config import ModelConfig, load_config
+from qasr.runtime.align import Aligner
+from qasr.runtime.backends.interface import PRECISIONS
+from qasr.runtime.backends.onnxruntime_cpu import session_options
+from qasr.runtime.backends.prepack import write_prepacked
+from qasr.runtime.backends.select import CHOICES
+from qasr.runtime.bundle import MANIFEST, Bundle
+from qasr.runtime.formats import FORMATS, render
+from qasr.runtime.options import TranscribeOptions
+from qasr.runtime.prompt import check_language
+from qasr.runtime.resolve import DEFAULT_ALIGNER, DEFAULT_MODEL, cached_export, checkpoint_dir, preflight
+from qasr.runtime.results import Transcript
+from qasr.runtime.transcribe import Transcriber
+from qasr.runtime.verify import verify
+from qasr.version import __version__
 
+SUBTITLES = [name for name, f in FORMATS.items() if f.needs_words]
 BATCH_SIZE = 4  # files decoded side by side by `qasr transcribe`: most of the speed-up, a bounded cache
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser, options and all (argparse would eat a leading --help)
-        from qasr.bench import main as bench
+        from qasr.bench.official import main as bench
 
         return bench(argv[1:])
     parser = build_parser()
@@ -75,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--loop-guard", action="store_true",
                             help="end a repetition loop after 20 repeats and continue its ids to the budget "
                                  "without decoding them (the same text when the loop would have lasted)")
-    transcribe.add_argument("--format", choices=["txt", "json", "srt", "vtt"], default="txt",
-                            help="srt and vtt need --aligner")
+    transcribe.add_argument("--format", choices=list(FORMATS), default="txt",
+                            help=f"{' and '.join(SUBTITLES)} need --aligner")
     transcribe.add_argument("--output-dir", type=Path, help="write one file per input here instead of to stdout")
     transcribe.add_argument("--aligner", help=f"the forced aligner for word times (default with --timestamps or "
                             f"srt/vtt: {DEFAULT_ALIGNER})")
@@ -86,8 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
                                  "its own KV cache, about 65 MB for a 10 s file with the 0.6B model in fp32)")
     _backend_options(transcribe)
     transcribe.set_defaults(run=run_transcribe)
-
-    from qasr import stream_cli
 
     stream = commands.add_parser("stream", help="transcribe live audio (a file, or raw PCM on stdin) as it comes")
     stream_cli.add_arguments(stream)
@@ -105,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--aligner", default=DEFAULT_ALIGNER, help="a forced-aligner bundle, checkpoint directory "
                        f"or Hugging Face id (default: {DEFAULT_ALIGNER})")
     align.add_argument("--language", help="the transcript's language (default: guessed from its script)")
-    align.add_argument("--format", choices=["json", "srt", "vtt"], default="json")
+    align.add_argument("--format", choices=["json", *SUBTITLES], default="json")
     _backend_options(align)
     align.set_defaults(run=run_align)
 
@@ -171,7 +186,7 @@ def _weights_options(parser: argparse.ArgumentParser, scope: str = "") -> None:
 
 
 def _backend_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+    parser.add_argument("--backend", choices=CHOICES, default="auto",
                         help="auto: TensorRT where the bundle has engines, else ONNX Runtime on CUDA, else CPU")
     parser.add_argument("--threads", type=_positive, help="CPU threads for ONNX Runtime (default: all cores)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -193,8 +208,6 @@ def run_export(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr)
 
-    from qasr.runtime.resolve import cached_export, checkpoint_dir, writable_dir
-
     if args.out is not None:  # before a download or an export is spent
         writable_dir(args.out.parent, "the bundle's parent directory")
     if (Path(args.checkpoint) / "manifest.json").is_file():  # an fp32 bundle: the post-pass alone
@@ -211,44 +224,32 @@ def run_export(args: argparse.Namespace) -> int:
             out = cached_export(checkpoint, args.weights, name=args.checkpoint, encoder_weights=args.encoder_weights)
         else:
             from qasr.export.onnx_export import export_bundle
-            from qasr.memory import gb
-            from qasr.runtime.resolve import preflight
 
             memory, disk = preflight(checkpoint, args.out.parent, args.weights, args.encoder_weights, args.checkpoint)
             progress(f"exporting needs about {gb(memory)} of memory and {gb(disk)} of disk")
             out = export_bundle(checkpoint, args.out, progress=progress, weights=args.weights,
                                 encoder_weights=args.encoder_weights, decoder=args.decoder)
     if args.prepack:
-        from qasr.runtime.bundle import Bundle
-        from qasr.runtime.onnxruntime_backend import session_options
-        from qasr.runtime.prepack import write_prepacked
-
         write_prepacked(Bundle.load(out), lambda: session_options(None), progress)
     print(out)
     return 0
 
 
 def run_transcribe(args: argparse.Namespace) -> int:
-    from qasr.runtime.align import Aligner
-    from qasr.runtime.formats import render
-    from qasr.runtime.prompt import check_language
-    from qasr.runtime.resolve import writable_dir
-    from qasr.runtime.transcribe import Transcriber
-
     if args.output_dir:
         writable_dir(args.output_dir, "the output directory")
-    timestamps = args.timestamps or args.format in ("srt", "vtt")
+    timestamps = args.timestamps or FORMATS[args.format].needs_words
     model = Transcriber.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
                              encoder_weights=args.encoder_weights, precision=args.precision)
-    model.loop_guard = args.loop_guard
     aligner = (Aligner.load(args.aligner or DEFAULT_ALIGNER, backend=args.backend, threads=args.threads,
                             precision=args.precision)
                if timestamps else None)
     language = check_language(args.language, model.languages) if args.language else None
     names = _output_names(args.audio) if args.output_dir else {}
     failed = 0
-    results = model.transcribe_many(args.audio, batch_size=min(args.batch_size, len(args.audio)), language=language,
-                                    context=args.context, aligner=aligner, max_new_tokens=args.max_new_tokens,
+    options = TranscribeOptions(language=language, context=args.context, max_new_tokens=args.max_new_tokens,
+                                aligner=aligner, loop_guard=args.loop_guard)
+    results = model.transcribe_many(args.audio, options, batch_size=min(args.batch_size, len(args.audio)),
                                     progress=sys.stderr.isatty())
     for audio, result in results:
         try:
@@ -272,8 +273,6 @@ def run_transcribe(args: argparse.Namespace) -> int:
 
 def run_verify(args: argparse.Namespace) -> int:
     """Exit 0 within the limits of the precision under test, 1 with one line naming the stage otherwise."""
-    from qasr.runtime.verify import verify
-
     report = verify(args.model, args.audio, reference=args.reference, backend=args.backend, threads=args.threads,
                     max_new_tokens=args.max_new_tokens, precision=args.precision,
                     texts=args.text and [_read_text(t) for t in args.text])
@@ -286,9 +285,6 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_align(args: argparse.Namespace) -> int:
-    from qasr.runtime.align import Aligner
-    from qasr.runtime.formats import subtitle_segments, to_srt, to_vtt
-
     text = _read_text(args.text)
     aligner = Aligner.load(args.aligner, backend=args.backend, threads=args.threads, precision=args.precision)
     language = args.language or guess_language(text)
@@ -297,8 +293,7 @@ def run_align(args: argparse.Namespace) -> int:
         out = {"audio": args.audio, "language": language, "text": text, "words": [vars(w) for w in words]}
         print(json.dumps(out, ensure_ascii=False))
     else:
-        segments = subtitle_segments(text, words)
-        print(to_srt(segments) if args.format == "srt" else to_vtt(segments), end="")
+        print(render(Transcript(text, language, [], audio=args.audio, words=words), args.format), end="")
     return 0
 
 
@@ -378,11 +373,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from qasr.models.checkpoint import check_checkpoint, parameter_counts
-    from qasr.models.config import ModelConfig, load_config
-    from qasr.runtime.bundle import MANIFEST, Bundle
-    from qasr.runtime.resolve import checkpoint_dir
-
     if (Path(args.path) / MANIFEST).is_file():
         bundle = Bundle.load(args.path)
         config = ModelConfig.from_dict(bundle.model)

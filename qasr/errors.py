@@ -28,3 +28,9 @@ class EngineError(QasrError):
 
 class UsageError(QasrError):
     """A request the model cannot serve: unsupported language, empty text to align, bad option."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of a third-party exception, for quoting inside one of ours (their
+    messages run to tracebacks and hints of their own)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

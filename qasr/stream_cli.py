@@ -19,14 +19,14 @@ from dataclasses import asdict
 import numpy as np
 
 from qasr.errors import AudioError, UsageError
-from qasr.runtime.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
+from qasr.runtime.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE, load_audio
+from qasr.runtime.stream import MAX_NEW_TOKENS, SEGMENT_SECONDS
+from qasr.runtime.transcribe import Transcriber
 
 BLOCK_SECONDS = 0.1  # what a live source delivers at a time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from qasr.runtime.stream import MAX_NEW_TOKENS, SEGMENT_SECONDS
-
     parser.add_argument("audio", help="an audio file, or - for raw s16le mono PCM on stdin")
     parser.add_argument("--language", help="force the output language (default: identify it)")
     parser.add_argument("--context", default="", help="background text: names, terms, a previous transcript")
@@ -44,8 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qasr.runtime.transcribe import Transcriber
-
     rate = args.sample_rate or SAMPLE_RATE
     if args.audio != "-" and args.sample_rate:
         raise UsageError("--sample-rate is for raw PCM on stdin; a file's own rate is read from it")
@@ -54,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
     if args.audio == "-":
         blocks = _stdin_blocks(rate)
     else:
-        from qasr.runtime.audio import load_audio
-
         blocks = _file_blocks(load_audio(args.audio), args.realtime)  # a bad file fails before the model loads
     model = Transcriber.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
                              encoder_weights=args.encoder_weights, precision=args.precision)

@@ -53,7 +53,7 @@ def recordings() -> list[np.ndarray]:
 
 def ensure_bundle(bundle: Path) -> None:
     """The fp32 bundle from `qasr bench`'s random checkpoint, or (named int4-*) its int4 copy."""
-    from qasr.bench import prepare
+    from qasr.bench.harness import prepare
     from qasr.errors import BundleError
     from qasr.export.quantize import quantize_bundle
     from qasr.runtime.bundle import Bundle
@@ -282,7 +282,7 @@ def main() -> None:
     section = "\n".join(header(args.bundle, args.threads)) + "\n\n" + "\n\n".join(parts) + "\n"
     print(section)
     if not args.no_write:
-        from qasr.bench import write_section
+        from qasr.bench.docs import write_section
 
         write_section(DOC, BEGIN, END, section.rstrip("\n"))
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_audio import concatenated_speech  # noqa: E402
 
-from qasr.bench import DEFAULT_CACHE, machine, prepare, write_section  # noqa: E402
+from qasr.bench.docs import write_section  # noqa: E402
+from qasr.bench.harness import DEFAULT_CACHE, describe_machine, prepare  # noqa: E402
 from qasr.kernels.fbank import log_mel  # noqa: E402
 from qasr.models.thinker import Thinker  # noqa: E402
 from qasr.runtime.prompt import prompt_ids  # noqa: E402
@@ -91,7 +92,7 @@ def main() -> None:
     torch.manual_seed(0)
     command = " ".join(["python", "scripts/bench_bf16.py", *sys.argv[1:]])
     header = f"## bf16 accuracy estimate (torch reference, bf16 against fp32)\n\n" \
-             f"{datetime.date.today().isoformat()}, `{command}`\n\n{machine()}\n"
+             f"{datetime.date.today().isoformat()}, `{command}`\n\n{describe_machine()}\n"
     print(header, flush=True)
     rows = [
         "| model | audio embeds rel. err | logit cosine min | logit cosine mean "

@@ -28,7 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qasr.bench import machine, write_section  # noqa: E402
+from qasr.bench.docs import write_section  # noqa: E402
+from qasr.bench.harness import describe_machine  # noqa: E402
 from qasr.cli import main as qasr_main  # noqa: E402
 from qasr.export.onnx_export import export_bundle  # noqa: E402
 from qasr.export.quantize import quantize_bundle  # noqa: E402
@@ -154,7 +155,7 @@ def report(args, started, rows, checks, examples) -> str:
         f"{started:%Y-%m-%d}, `python scripts/bench_demo.py --count {args.count} --seed {args.seed} "
         f"--threads {args.threads}`",
         "",
-        machine(),
+        describe_machine(),
         "",
         f"The trained demo checkpoint (models/qwen3-asr-demo, docs/demo-model.md) on {args.count} new sentences "
         "(half English, half Mandarin) from its word lists, spoken by espeak-ng with the voice and the speed its "

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_quant import build_peer, peer_run  # noqa: E402  (scripts/ is this script's own directory)
 
-from qasr.bench import DEFAULT_CACHE, machine, publish, speech_file  # noqa: E402
+from qasr.bench.docs import publish  # noqa: E402
+from qasr.bench.harness import DEFAULT_CACHE, describe_machine, speech_file  # noqa: E402
 from qasr.memory import status_kb  # noqa: E402
 
 BEGIN, END = "<!-- export:begin -->", "<!-- export:end -->"
@@ -131,7 +132,7 @@ def worker(bundle: Path, audio: Path, args) -> dict:
     """Load, transcribe twice (one token each: the first call's setup and prefill against the
     second's), then a forced decode of steps + 1 tokens for the per-token median."""
     from qasr.runtime.audio import load_audio
-    from qasr.runtime.decode import greedy_decode
+    from qasr.runtime.batch import greedy_decode
     from qasr.runtime.embed import embed_audio
     from qasr.runtime.prompt import prompt_ids
     from qasr.runtime.transcribe import Transcriber
@@ -155,7 +156,7 @@ def report(record: dict, args) -> str:
         "## The 1.7B on a small machine: bounded export, quantization, run time",
         "",
         f"{datetime.date.today()}, `python scripts/bench_export.py --models {' '.join(args.models)}` "
-        f"({args.threads} threads). {machine()}. The machine was shared with other engineers' jobs while "
+        f"({args.threads} threads). {describe_machine()}. The machine was shared with other engineers' jobs while "
         "this ran (every figure is from one run; compare within a table). Full-size random checkpoints "
         "(bf16, the released shapes); random weights give flat logits: speed and memory, not accuracy.",
         "",

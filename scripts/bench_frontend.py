@@ -34,7 +34,8 @@ import transformers  # noqa: E402
 from test_audio import concatenated_speech  # noqa: E402
 from test_fbank import reference_log_mel  # noqa: E402
 
-from qasr.bench import DOC, machine, write_section  # noqa: E402
+from qasr.bench.docs import DOC, write_section  # noqa: E402
+from qasr.bench.harness import describe_machine  # noqa: E402
 from qasr.kernels.fbank import log_mel  # noqa: E402
 from qasr.runtime.audio import SAMPLE_RATE  # noqa: E402
 
@@ -121,7 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     command = " ".join(["python", "scripts/bench_frontend.py", *sys.argv[1:]])
     peers = f"torch with {torch.get_num_threads()} threads, kaldi-native-fbank {knf.__version__}"
-    header = f"## Log-mel frontend\n\n{datetime.date.today().isoformat()}, `{command}`\n\n{machine()}; {peers}\n"
+    header = f"## Log-mel frontend\n\n{datetime.date.today().isoformat()}, `{command}`\n\n{describe_machine()}; {peers}\n"
     print(header)
     body = table(args.repeats)
     print(body.split("\n\n")[-1])

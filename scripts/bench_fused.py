@@ -4,7 +4,7 @@
 
 CKPT is a full-size random 0.6B (scripts/make_checkpoint.py --preset 0.6b); DIR receives its four
 bundles (traced and fused decoder, fp32 and int4), exported once. Each figure is the median decode
-step of a fresh process (qasr.bench's worker, forced to --steps + 1 tokens), on 10 s and 60 s of
+step of a fresh process (qasr.bench.workers, forced to --steps + 1 tokens), on 10 s and 60 s of
 speech, beside antirez/qwen-asr (pure C, bf16, `make blas`) on the same checkpoint and audio in the
 same run, rounds interleaved so that other jobs on a shared machine slow every system alike. Also
 the nodes ONNX Runtime runs in one decode step, per layer, from its profiler. Writes a section of
@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench_quant import PEER_SOURCE, build_peer, peer_run, qasr_run  # noqa: E402
 
-from qasr.bench import machine, publish, speech_file  # noqa: E402
+from qasr.bench.docs import publish  # noqa: E402
+from qasr.bench.harness import describe_machine, speech_file  # noqa: E402
 
 BEGIN, END = "<!-- fused:begin -->", "<!-- fused:end -->"
 SYSTEMS = {"traced fp32": ("traced", "fp32"), "fused fp32": ("fused", "fp32"),
@@ -126,7 +127,7 @@ def interleaved(traced: Path, fused: Path, args) -> dict[int, dict[str, float]]:
     """Decode steps of the traced and the fused decoder alternated one for one in one process, at
     the cache lengths of a 10 s and a 60 s clip (prompt rows 150 and 800): a busy machine then
     slows both alike. Median ms per step of each."""
-    from qasr.runtime.backend import open_backend
+    from qasr.runtime.backends.select import open_backend
     from qasr.runtime.bundle import Bundle
 
     backends = {name: open_backend(Bundle.load(path), "onnxruntime", args.threads)
@@ -169,7 +170,7 @@ def report(rows: list[dict], nodes: dict, args) -> str:
     load = os.getloadavg()
     lines = [f"## Fused decoder on the CPU\n\n{datetime.date.today()}, `python scripts/bench_fused.py --checkpoint "
              f"CKPT --work DIR --steps {args.steps} --repeats {args.repeats}` ({args.threads} threads), full-size "
-             f"random 0.6B (its logits are flat, so this measures speed only).\n\n{machine()}; load average at the "
+             f"random 0.6B (its logits are flat, so this measures speed only).\n\n{describe_machine()}; load average at the "
              f"end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min): the machine was shared with other "
              "jobs, so every figure is a median of interleaved rounds and the ratios are to peers measured beside it.",
              "", "| system | nodes per layer per step | decode ms/token, 10 s | x antirez | decode ms/token, 60 s "

@@ -28,7 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qasr.bench import DEFAULT_CACHE, bytes_per_token, machine, measure_bandwidth, prepare, publish, speech_file  # noqa: E402
+from qasr.bench.docs import publish  # noqa: E402
+from qasr.bench.harness import DEFAULT_CACHE, bytes_per_token, describe_machine, measure_bandwidth, prepare, speech_file  # noqa: E402
 
 BEGIN, END = "<!-- quant:begin -->", "<!-- quant:end -->"
 PEER_SOURCE = Path(__file__).resolve().parent.parent.parent / "qwen-asr"  # a checkout of antirez/qwen-asr beside this repo
@@ -75,7 +76,7 @@ def main() -> int:
     head = (f"## Quantized weights (int8, int4) on the CPU\n\n{datetime.date.today()}, `"
             f"python scripts/bench_quant.py --steps {args.steps} --repeats {args.repeats} [--sections ...]` "
             f"({args.threads} threads; the sections ran as separate runs, so that other jobs could run "
-            f"between them)\n\n{machine()}. The machine was shared with other engineers' jobs while this "
+            f"between them)\n\n{describe_machine()}. The machine was shared with other engineers' jobs while this "
             "ran; every figure is a ratio to peers measured in the same run.")
     text = "\n\n".join([head, *[(work / f"{name}.md").read_text() for name in SECTIONS if (work / f"{name}.md").is_file()]])
     publish(text, BEGIN, END, write=not args.no_write)
@@ -107,8 +108,9 @@ def build(fp32: Path, work: Path, weights: str, encoder_weights: str, prepacked:
     """The fp32 bundle, or its quantized copy (made once), with BUNDLE/prepacked/ only where asked."""
     from qasr.export.quantize import SCHEMES, quantize_bundle
     from qasr.runtime.bundle import Bundle
-    from qasr.runtime.onnxruntime_backend import session_options
-    from qasr.runtime.prepack import PREPACKED, prepacked_graph, write_prepacked
+    from qasr.runtime.backends.onnxruntime_cpu import session_options
+    from qasr.runtime.backends.prepack import prepacked_graph, write_prepacked
+    from qasr.runtime.bundle import PREPACKED
 
     if weights == encoder_weights == "fp32":
         return fp32
@@ -204,7 +206,7 @@ def sweep_run(bundle: Path, reference: Path, audio: Path, args) -> dict:
 
 
 def sweep_worker(args) -> dict:
-    from qasr.runtime.decode import greedy_decode
+    from qasr.runtime.batch import greedy_decode
     from qasr.runtime.prompt import prompt_ids
     from qasr.runtime.transcribe import Transcriber
     from qasr.runtime.verify import cosine
@@ -236,7 +238,7 @@ def sweep_worker(args) -> dict:
 # -- speed -------------------------------------------------------------------------------------------
 def qasr_run(checkpoint: Path, bundle: Path, audio: Path, args) -> dict:
     """One fresh process of `qasr bench`'s worker, forced to steps + 1 tokens."""
-    command = [sys.executable, "-m", "qasr.bench", "--worker", "qasr-onnxruntime", "--checkpoint", str(checkpoint),
+    command = [sys.executable, "-m", "qasr.bench.workers", "qasr-onnxruntime", "--checkpoint", str(checkpoint),
                "--bundle", str(bundle), "--audio", str(audio), "--threads", str(args.threads),
                "--steps", str(args.steps), "--tokens", str(args.steps + 1), "--spawned", repr(time.time())]
     done = subprocess.run(command, capture_output=True, text=True, env=_env())

@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_serve import CLIP_TOKENS, Server, clip_files, concurrency, free_port  # noqa: E402
 
-from qasr.bench import machine, write_section  # noqa: E402
+from qasr.bench.docs import write_section  # noqa: E402
+from qasr.bench.harness import describe_machine  # noqa: E402
 
 BEGIN, END = "<!-- ray:begin -->", "<!-- ray:end -->"
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs/benchmarks.md")
     args = parser.parse_args(argv)
     os.environ.update(LOOPBACK)
-    where = machine()
+    where = describe_machine()
     with tempfile.TemporaryDirectory() as folder:
         bundle = args.bundle or export(args.preset, Path(folder))
         name = Path(args.bundle).name if args.bundle else f"random `{args.preset}` checkpoint (make_checkpoint preset)"

@@ -33,7 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qasr.bench import machine, write_section  # noqa: E402
+from qasr.bench.docs import write_section  # noqa: E402
+from qasr.bench.harness import describe_machine  # noqa: E402
 
 BEGIN, END = "<!-- serve:begin -->", "<!-- serve:end -->"
 CONCURRENCY_BEGIN, CONCURRENCY_END = "<!-- serve-concurrency:begin -->", "<!-- serve-concurrency:end -->"
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="client counts of the concurrency table (none: skip it)")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs/benchmarks.md")
     args = parser.parse_args(argv)
-    where = machine()
+    where = describe_machine()
     if args.concurrency:
         from qasr.runtime.transcribe import Transcriber
 

@@ -39,10 +39,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_batch import BUNDLES, CACHE, ensure_bundle, precision  # noqa: E402
-from qasr.bench import DOC, machine, measure_bandwidth, write_section  # noqa: E402
+from qasr.bench.docs import DOC, write_section  # noqa: E402
+from qasr.bench.harness import describe_machine, measure_bandwidth  # noqa: E402
 from qasr.memory import rss_gb  # noqa: E402
 from qasr.runtime.audio import SAMPLE_RATE  # noqa: E402
-from qasr.runtime.decode import greedy_decode  # noqa: E402
+from qasr.runtime.batch import greedy_decode  # noqa: E402
 from qasr.runtime.embed import embed_audio  # noqa: E402
 from qasr.runtime.prompt import prompt_ids  # noqa: E402
 from qasr.runtime.transcribe import Transcriber  # noqa: E402
@@ -169,7 +170,7 @@ def report(runs: list[dict], peer: tuple | None, args, bandwidth: float) -> str:
     lines = [
         SECTIONS[args.qasr_only][0], "",
         f"{datetime.date.today().isoformat()}, `{command()}`", "",
-        f"{machine()}; read bandwidth {bandwidth:.1f} GB/s (`qasr.bench.measure_bandwidth`, 2 threads).", "",
+        f"{describe_machine()}; read bandwidth {bandwidth:.1f} GB/s (`qasr.bench.harness.measure_bandwidth`, 2 threads).", "",
         f"Full-size random Qwen3-ASR-0.6B, 2 threads, {args.seconds:g} s of real speech fed in 2 s chunks as fast "
         f"as it computes (after one warm-up call, so the decoder's weights are loaded), {TOKENS} new tokens forced a "
         "step, default segments (30 s). Random weights: the text is noise, the cost is the real model's.", "",

@@ -30,7 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qasr.bench import DOC, prepare, speech_file, write_section  # noqa: E402
+from qasr.bench.docs import DOC, write_section  # noqa: E402
+from qasr.bench.harness import prepare, speech_file  # noqa: E402
 from qasr.errors import QasrError  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -77,8 +78,8 @@ def say(line: str) -> None:
 def environment() -> dict:
     import onnxruntime as ort
 
-    from qasr.runtime.cuda import Cuda
-    from qasr.runtime.onnxruntime_cuda import cuda_provider_available, quiet_onnxruntime
+    from qasr.runtime.backends.cuda import Cuda
+    from qasr.runtime.backends.onnxruntime_cuda import cuda_provider_available, quiet_onnxruntime
 
     if not cuda_provider_available():
         raise SystemExit("gpu_check: onnxruntime-gpu's CUDA provider is not available here")
@@ -126,8 +127,9 @@ def guarded(measure, *args) -> dict:
 
 def measure(bundle: Path, precision: str, cache: Path, device: str) -> dict:
     """Every figure of one precision, or the one line that says why it does not run."""
+    from qasr.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend
     from qasr.runtime.bundle import Bundle
-    from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend, ensure_derived
+    from qasr.runtime.resolve import derive_graphs
     from qasr.runtime.transcribe import Transcriber
 
     loaded = Bundle.load(bundle)
@@ -135,7 +137,7 @@ def measure(bundle: Path, precision: str, cache: Path, device: str) -> dict:
     try:
         began = time.perf_counter()
         if precision != "fp32":
-            ensure_derived(loaded, precision, say)
+            derive_graphs(loaded, precision, say)
         out["derive_s"] = time.perf_counter() - began
         began = time.perf_counter()
         backend = OnnxRuntimeCudaBackend(loaded, precision=precision, device=device)
@@ -196,7 +198,7 @@ def fastest(run, repeats: int = REPEATS) -> float:
 def time_clip(model, wave: np.ndarray) -> dict:
     """The audio path (frontend, encoder, projector), the prefill and batch-1 decode of one clip."""
     from qasr.kernels.fbank import log_mel
-    from qasr.runtime.decode import greedy_decode
+    from qasr.runtime.batch import greedy_decode
     from qasr.runtime.prompt import prompt_ids
 
     def timed(stage) -> float:
@@ -254,9 +256,9 @@ def time_batches(model, wave: np.ndarray) -> dict:
 
 def compare_ids(model, wave: np.ndarray) -> dict:
     """Free-running ids against the fp32 graphs on ONNX Runtime's CPU provider."""
-    from qasr.runtime.decode import greedy_decode
+    from qasr.runtime.batch import greedy_decode
     from qasr.runtime.embed import embed_audio
-    from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
     from qasr.runtime.prompt import prompt_ids
 
     cpu = OnnxRuntimeBackend(model.bundle)

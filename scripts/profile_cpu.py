@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from qasr.runtime.bundle import Bundle, cache_names
-from qasr.runtime.onnxruntime_backend import session_options
+from qasr.runtime.backends.onnxruntime_cpu import session_options
 
 
 def gemv_model(transposed: bool, layers: int, k: int, n: int) -> bytes:

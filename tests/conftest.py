@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from support import DATA
+
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
@@ -47,8 +49,26 @@ def bundle(checkpoint, tmp_path_factory):
     return get
 
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 SPEECH_16K = ("en_16k_s16.wav", "zh_16k_f32_loud.wav")
+
+
+@pytest.fixture(scope="module")
+def model_pair(checkpoint, bundle):
+    """`get(preset, budget)`: the official qwen-asr model (max_new_tokens=budget) and qasr's
+    Transcriber on ONNX Runtime, both on that preset's random checkpoint, loaded once per module.
+    Skips the test where the official package is missing (oracle.py)."""
+    from oracle import load_official
+    from qasr.runtime.transcribe import Transcriber
+
+    cache: dict = {}
+
+    def get(preset: str = "tiny-untied", budget: int = 20):
+        if (preset, budget) not in cache:
+            cache[preset, budget] = (load_official(checkpoint(preset), max_new_tokens=budget),
+                                     Transcriber.load(bundle(preset), backend="onnxruntime"))
+        return cache[preset, budget]
+
+    return get
 
 
 @pytest.fixture(scope="session")

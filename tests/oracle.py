@@ -20,7 +20,7 @@ pytest.importorskip("qwen_asr")
 from qwen_asr import Qwen3ASRModel, Qwen3ForcedAligner  # noqa: E402
 from qwen_asr.core.transformers_backend import modeling_qwen3_asr as official_modeling  # noqa: E402
 
-from parity import relative_error  # noqa: E402,F401  (re-exported for the parity tests)
+from support import relative_error  # noqa: E402,F401  (re-exported for the parity tests)
 from qasr.runtime.tokenizer import qwen2_pre_tokenizer  # noqa: E402
 
 

@@ -27,8 +27,8 @@ from qasr.runtime.audio import load_audio
 from qasr.runtime.embed import embed_audio
 from qasr.runtime.timestamps import aligner_ids
 from qasr.runtime.transcribe import Transcriber
+from support import DATA
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 EN = DATA / "en_16k_s16.wav"
 TEXTS = [  # (audio, text, language)
     ("en_16k_s16.wav", "The quick brown fox jumps over the lazy dog.", "English"),

@@ -4,7 +4,6 @@ scripts/make_test_audio.sh with espeak-ng and sox)."""
 from __future__ import annotations
 
 import io
-import pathlib
 
 import numpy as np
 import pytest
@@ -12,8 +11,8 @@ import soundfile as sf
 
 from qasr.errors import AudioError
 from qasr.runtime.audio import SAMPLE_RATE, cut, load_audio, pad_or_trim, split_long_audio
+from support import DATA
 
-DATA = pathlib.Path(__file__).parent / "data"
 # Several languages, rates (8k-48k), channel counts (1, 2, 4), sample types and codecs.
 SPEECH = [
     "en_16k_s16.wav",

@@ -17,8 +17,8 @@ from qasr.runtime.batch import ALIGN, BatchDecoder, Regions
 from qasr.runtime.decode import Sequence
 from qasr.runtime.prompt import prompt_ids
 from qasr.runtime.transcribe import Transcriber
+from support import DATA
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 FILES = ["en_16k_s16.wav", "de_22k.flac", "zh_16k_f32_loud.wav", "fr_48k.ogg", "it_8k_s32.wav",
          "es_16k_4ch.wav", "short_44k.wav"]
 
@@ -163,7 +163,7 @@ def test_cache_rows_past_the_reserve_are_refused(model):
 def test_a_request_the_cache_has_no_room_for_fails_alone(model, recordings):
     """As on an engine built for shorter audio: the newcomer gets the error, the batch goes on."""
     from qasr.errors import EngineError
-    from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
 
     class FixedCache(OnnxRuntimeBackend):
         def reserve(self, rows, keep=True):
@@ -197,7 +197,8 @@ def test_streams_share_the_batch_and_keep_their_rows(model, recordings, speech):
     """Two streams' steps beside file requests, in one batch: each stream gives the events it gives
     alone, every step after its first reuses the cache rows its stream kept, and a file request
     gets the ids it gets alone."""
-    from qasr.runtime.transcribe import Batcher
+    from qasr.runtime.batcher import Batcher
+    from qasr.runtime.options import TranscribeOptions
 
     clips = [speech(7.0, start=0), speech(7.0, start=1)]
 
@@ -214,7 +215,7 @@ def test_streams_share_the_batch_and_keep_their_rows(model, recordings, speech):
     streams = [model.stream(max_new_tokens=8) for _ in clips]
     seen: list[list] = [[], []]
     jobs = [batcher.open_steps(_tapped(s.feed_steps(c), seen[i])) for i, (s, c) in enumerate(zip(streams, clips))]
-    uploads = [batcher.open(path, max_new_tokens=8) for path in recordings[:2]]
+    uploads = [batcher.open(path, TranscribeOptions(max_new_tokens=8)) for path in recordings[:2]]
     together = 0
     while not batcher.idle:
         owners = {id(s.owner) for s in batcher.engine.running if s.owner is not None}
@@ -242,3 +243,14 @@ def test_a_dropped_stream_s_rows_are_freed(model, speech):
     gc.collect()
     model.transcribe(speech(1.0), sample_rate=16000, max_new_tokens=2)
     assert not model.engine.kept and not model.engine.regions.taken
+
+
+def test_options_are_one_object_with_known_fields():
+    """Keywords build the options once, at the entry; a misspelt one fails like any wrong keyword."""
+    from qasr.runtime.options import TranscribeOptions
+
+    options = TranscribeOptions(context="names").with_fields(language="English", max_new_tokens=8)
+    assert (options.language, options.context, options.max_new_tokens) == ("English", "names", 8)
+    assert TranscribeOptions().with_fields() == TranscribeOptions()
+    with pytest.raises(TypeError):
+        TranscribeOptions().with_fields(langauge="English")

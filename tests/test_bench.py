@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from qasr.bench import BEGIN, END, bytes_per_token, report, write_section
+from qasr.bench.docs import write_section
+from qasr.bench.harness import bytes_per_token
+from qasr.bench.official import BEGIN, END, report
 from qasr.cpu import widest_simd
 
 

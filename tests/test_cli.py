@@ -11,8 +11,8 @@ import pytest
 from pathlib import Path
 
 from qasr.cli import main
+from support import DATA
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 EN, DE = str(DATA / "en_16k_s16.wav"), str(DATA / "de_22k.flac")
 
 

@@ -19,7 +19,7 @@ from qasr.cli import main
 from qasr.export.quantize import quantize_bundle
 from qasr.runtime.transcribe import Transcriber
 from qasr.runtime.verify import text_errors
-from serving import cli_text
+from support import cli_text
 
 FP32_CER = 0.08
 
@@ -99,7 +99,7 @@ def test_the_server_gives_the_cli_text(clips, demo_bundle):
     import openai
 
     from qasr.serve.service import Options
-    from serving import RunningServer
+    from support import RunningServer
 
     running = RunningServer(Options(model=str(demo_bundle), backend="onnxruntime"))
     try:

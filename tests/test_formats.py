@@ -11,18 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qasr.errors import UsageError
-from qasr.runtime.formats import (
-    MIN_CUE_MS,
-    Segment,
-    Transcript,
-    Word,
-    render,
-    subtitle_segments,
-    to_json,
-    to_srt,
-    to_txt,
-    to_vtt,
-)
+from qasr.runtime.formats import MIN_CUE_MS, render, subtitle_segments, to_json, to_srt, to_txt, to_vtt
+from qasr.runtime.results import Segment, Transcript, Word
 from qasr.runtime.timestamps import split_units
 
 ENGLISH = "Hello, world! It's the U.S. economy: 3.14 percent growth, well-known since 2026. Really?"
@@ -143,7 +133,7 @@ def test_empty_and_bad_inputs():
 def test_render_subtitles():
     t = Transcript(text=MIXED, language="Chinese", token_ids=[], words=timed(MIXED, "Chinese"))
     assert render(t, "srt") == to_srt(subtitle_segments(MIXED, t.words))
-    assert render(t, "vtt", max_chars=10) == to_vtt(subtitle_segments(MIXED, t.words, max_chars=10))
+    assert render(t, "vtt") == to_vtt(subtitle_segments(MIXED, t.words))
 
 
 def test_cue_text_cannot_break_the_file():
@@ -182,3 +172,18 @@ def test_cue_rules_property(pieces, data, max_chars, max_duration):
             assert s.end - s.start <= max(max_duration, MIN_CUE_MS / 1000) + 1e-9
     assert list(srt.parse(to_srt(segments)))
     assert len(list(webvtt.from_string(to_vtt(segments)))) == len(segments)
+
+
+def test_one_registry_serves_the_cli_and_the_server():
+    """The CLI's --format choices and the server's response formats come from FORMATS."""
+    from qasr.cli import build_parser
+    from qasr.runtime.formats import FORMATS
+    from qasr.serve.openai_api import PLAIN, RESPONSE_FORMATS
+
+    for name in FORMATS:
+        assert build_parser().parse_args(["transcribe", "a.wav", "--format", name]).format == name
+    assert set(RESPONSE_FORMATS) == {"json", "verbose_json", "text", "srt", "vtt"}
+    assert {f.name for f in PLAIN.values()} == {"txt", "srt", "vtt"}
+    t = Transcript("Hi.", "English", [1], words=[Word("Hi", 0.0, 0.4)])
+    for fmt in PLAIN.values():
+        assert render(t, fmt.name) == fmt.write(t) and fmt.media_type.startswith(("text/", "application/"))

@@ -1,4 +1,4 @@
-"""The fused decoder (qasr.export.fused_decoder, qasr.runtime.onnxruntime_fused): nodes per step
+"""The fused decoder (qasr.export.fused_decoder, qasr.runtime.backends.onnxruntime_fused): nodes per step
 counted by ONNX Runtime's profiler, ids against the official package and the traced graph, batches
 against one request at a time, streaming with kept rows, and the quantized forms."""
 
@@ -18,12 +18,12 @@ from qasr.export.fused_decoder import fused_cache_names
 from qasr.export.onnx_export import export_bundle
 from qasr.export.quantize import quantize_bundle
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.onnxruntime_fused import OnnxRuntimeFusedBackend
+from qasr.runtime.backends.onnxruntime_fused import OnnxRuntimeFusedBackend
 from qasr.runtime.transcribe import Transcriber
 from qasr.runtime.verify import verify
 from test_stream import Counting, assert_same_steps, run_steps
+from support import DATA
 
-DATA = Path(__file__).parent / "data"
 FILES = ["en_16k_s16.wav", "de_22k.flac", "fr_48k.ogg", "zh_16k_f32_loud.wav", "es_16k_4ch.wav"]
 BUDGET = 20
 

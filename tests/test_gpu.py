@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from parity import AUDIO, check_batch, check_parity
+from support import AUDIO, check_batch, check_parity
 from qasr.errors import BundleError, EngineError
 from qasr.runtime.align import Aligner
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend
+from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
+from qasr.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend
 from qasr.runtime.transcribe import Transcriber
 
 
@@ -34,8 +34,8 @@ def test_binding_on_the_cpu_device_steps_like_onnxruntime(bundle, speech):
 @pytest.fixture(scope="module")
 def gpu():
     """Skip, with the reason, unless onnxruntime-gpu's CUDA provider and a CUDA device are here."""
-    from qasr.runtime.cuda import Cuda
-    from qasr.runtime.onnxruntime_cuda import cuda_provider_available
+    from qasr.runtime.backends.cuda import Cuda
+    from qasr.runtime.backends.onnxruntime_cuda import cuda_provider_available
 
     if not cuda_provider_available():
         pytest.skip("onnxruntime-gpu is not installed (no CUDA execution provider)")

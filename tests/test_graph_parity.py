@@ -14,8 +14,8 @@ import torch
 from oracle import relative_error
 from qasr.models.thinker import Thinker
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.decode import greedy_decode
-from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from qasr.runtime.batch import greedy_decode
+from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
 from qasr.runtime.windows import join_windows, split_windows
 
 TOL = 1e-4

@@ -3,15 +3,14 @@ the budget, the same ids and text as decoding them when the loop holds, for fewe
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
 from qasr.runtime.decode import LOOP_REPEATS, LoopGuard, Sequence
 from qasr.runtime.prompt import fix_repetitions
 from qasr.runtime.transcribe import Transcriber
+from support import DATA
 
-DATA = Path(__file__).parent / "data"
 
 
 def periods(ids: list[int]) -> list[int | None]:
@@ -58,9 +57,9 @@ def test_same_ids_and_text_for_fewer_steps(bundle):
     runs = {}
     for guard in (False, True):
         model.backend = Looping(plain, lead=[300, 301, 302], loop=[400, 401, 402])
-        model.loop_guard = guard
         try:
-            result = model.transcribe(str(DATA / "en_16k_s16.wav"), max_new_tokens=200, language="English")
+            result = model.transcribe(str(DATA / "en_16k_s16.wav"), max_new_tokens=200, language="English",
+                                      loop_guard=guard)
         finally:
             steps, model.backend = model.backend.steps, plain
         runs[guard] = result, steps

@@ -38,8 +38,8 @@ for module in pkgutil.walk_packages(qasr.__path__, "qasr."):
         importlib.import_module(module.name)
 from qasr.memory import peak_rss_gb, rss_gb, status_kb
 assert status_kb("VmRSS") is None and math.isnan(rss_gb()) and math.isnan(peak_rss_gb())
-from qasr.runtime.prepack import machine
-assert machine()["cpu"]
+from qasr.runtime.backends.prepack import packing_key
+assert packing_key()["cpu"]
 from qasr.runtime.transcribe import Transcriber
 model = Transcriber.load(sys.argv[1], backend="onnxruntime")
 wave = np.sin(np.arange(48000) / 16000 * 2 * np.pi * 220).astype(np.float32) * 0.1

@@ -19,10 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 from oracle import relative_error
 from qasr.export.precision import FP16_CLAMP, convert_tensor, derive_bundle, is_cache
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.decode import greedy_decode
-from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from qasr.runtime.batch import greedy_decode
+from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
 from qasr.runtime.bundle import derived_dir
-from qasr.runtime.onnxruntime_cuda import OnnxRuntimeCudaBackend, derived_graphs
+from qasr.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend, derived_graphs
 from qasr.runtime.windows import join_windows, split_windows
 
 TABLE = json.loads((Path(__file__).parent.parent / "qasr" / "export" / "trt_operators.json").read_text())

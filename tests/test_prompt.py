@@ -172,3 +172,15 @@ def test_merge_languages_matches_official():
     for languages in cases:
         assert merge_languages(languages) == official_utils.merge_languages(languages)
     assert merge_languages(["Chinese", "English", "English"]) == "Chinese,English"
+
+
+def test_partial_text_cuts_where_the_parse_will():
+    """What a streamer may show of unfinished output: held back while it may still be metadata."""
+    from qasr.runtime.prompt import partial_text
+
+    assert partial_text("language Eng", forced=False) is None
+    assert partial_text("language English<asr_text> hello wor", forced=False) == "hello wor"
+    assert partial_text(" hello", forced=False) == "hello"  # cannot be metadata: the whole output
+    assert partial_text("language English<asr_text>hi", forced=True) == "language English<asr_text>hi"
+    raw = "language English<asr_text>hello world"
+    assert partial_text(raw, forced=False) == parse_output(raw, None)[1]

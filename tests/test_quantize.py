@@ -13,8 +13,8 @@ import pytest
 from qasr.cli import main
 from qasr.export.quantize import quantize_bundle
 from qasr.runtime.bundle import Bundle
+from support import DATA
 
-DATA = Path(__file__).parent / "data"
 EN = str(DATA / "en_16k_s16.wav")
 RATIO = {"int8": 0.55, "int4": 0.35}  # the issue's bounds on decoder data against fp32
 
@@ -97,7 +97,7 @@ def test_quantized_bundle_transcribes(bundle, quantized, weights):
 
 
 def test_int8_logits_follow_fp32(bundle, quantized, speech):
-    from qasr.runtime.decode import greedy_decode
+    from qasr.runtime.batch import greedy_decode
     from qasr.runtime.prompt import prompt_ids
     from qasr.runtime.transcribe import Transcriber
 
@@ -161,7 +161,8 @@ def test_quantizer_import_leaves_logging_alone(bundle, tmp_path):
 def test_prepacked_copies_load_and_match(capsys, bundle, tmp_path):
     """`--prepack` saves each graph optimised with its weights packed; the backend opens those copies
     here (same ids and logits as the portable graphs) and ignores them once the record is not this machine's."""
-    from qasr.runtime.prepack import PREPACKED, RECORD, prepacked_graph
+    from qasr.runtime.backends.prepack import prepacked_graph
+    from qasr.runtime.bundle import PREPACKED, PREPACKED_RECORD
     from qasr.runtime.transcribe import Transcriber
 
     out = tmp_path / "int4"
@@ -174,7 +175,7 @@ def test_prepacked_copies_load_and_match(capsys, bundle, tmp_path):
     packed = model.transcribe(EN, max_new_tokens=6)
     assert packed.token_ids == plain.token_ids
     assert model.backend.sessions["decoder"]._model_path == str(out / PREPACKED / "decoder.onnx")
-    record = out / PREPACKED / RECORD
+    record = out / PREPACKED / PREPACKED_RECORD
     stale = json.loads(record.read_text())
     stale["machine"]["onnxruntime"] = "0.0"
     record.write_text(json.dumps(stale))

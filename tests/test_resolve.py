@@ -15,8 +15,8 @@ import pytest
 from qasr.errors import BundleError, CheckpointError
 from qasr.runtime import resolve
 from qasr.runtime.resolve import DEFAULT_MODEL, ENTRY_RECORD, resolve_model
+from support import DATA
 
-DATA = Path(__file__).parent / "data"
 EN = str(DATA / "en_16k_s16.wav")
 
 

@@ -8,23 +8,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from oracle import clip_features, load_official, official_transcribe, relative_error, windowed_encoder
-from qasr.runtime.transcribe import Transcriber
+from oracle import clip_features, official_transcribe, relative_error, windowed_encoder
+from support import DATA
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 BUDGET = 20
 
 
 @pytest.fixture(scope="module")
-def models(checkpoint, bundle):
-    cache = {}
-
+def models(model_pair):
     def get(preset="tiny-untied"):
-        if preset not in cache:
-            official = load_official(checkpoint(preset), max_new_tokens=BUDGET)
-            official.max_inference_batch_size = 1  # chunk by chunk, as the runtime decodes them
-            cache[preset] = (official, Transcriber.load(bundle(preset), backend="onnxruntime"))
-        return cache[preset]
+        official, ours = model_pair(preset, BUDGET)
+        official.max_inference_batch_size = 1  # chunk by chunk, as the runtime decodes them
+        return official, ours
 
     return get
 

@@ -19,17 +19,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from oracle import load_official, relative_error, windowed_encoder
+from oracle import relative_error, windowed_encoder
+from qwen_asr import Qwen3ASRModel
 from qasr.errors import AudioError, UsageError
 from qasr.kernels.fbank import clamp_and_scale, log10_mel_batch, log_mel
 from qasr.runtime.stream import SegmentAudio, Stream
-from qasr.runtime.transcribe import Transcriber
 from qasr.runtime.windows import token_count
+from support import DATA, spawn
 
 torch = pytest.importorskip("torch")
 BUDGET = 12
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
 
 
 class TransformersAsVllm:
@@ -51,18 +51,12 @@ class TransformersAsVllm:
 
 
 @pytest.fixture(scope="module")
-def models(checkpoint, bundle):
-    cache = {}
-
+def models(model_pair):
     def get(preset="tiny-untied"):
-        if preset not in cache:
-            from qwen_asr import Qwen3ASRModel
-
-            official = load_official(checkpoint(preset), max_new_tokens=BUDGET)
-            streaming = Qwen3ASRModel(backend="vllm", model=TransformersAsVllm(official, BUDGET),
-                                      processor=official.processor)
-            cache[preset] = (streaming, Transcriber.load(bundle(preset), backend="onnxruntime"))
-        return cache[preset]
+        official, ours = model_pair(preset, BUDGET)
+        streaming = Qwen3ASRModel(backend="vllm", model=TransformersAsVllm(official, BUDGET),
+                                  processor=official.processor)
+        return streaming, ours
 
     return get
 
@@ -330,7 +324,7 @@ def test_cli_jsonl_matches_the_official_policy(models, bundle, capsys):
 def qasr_stream(args, stdin: bytes = b""):
     """Run `qasr stream` in a process of its own: (exit code, stdout, stderr)."""
     command = [sys.executable, "-m", "qasr", "stream", *args]
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = spawn(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     out, err = process.communicate(stdin, timeout=300)
     return process.returncode, out.decode(), err.decode()
@@ -376,7 +370,7 @@ def test_cli_ctrl_c_prints_committed_text(bundle, speech):
     pcm = (np.concatenate(pieces) * 32767).astype("<i2").tobytes()
     command = [sys.executable, "-m", "qasr", "stream", "-", "--model", str(bundle("tiny-untied")),
                "--max-new-tokens", "4", "--segment-seconds", "3"]
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    process = spawn(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         process.stdin.write(pcm)

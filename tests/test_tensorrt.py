@@ -20,21 +20,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import AUDIO, check_batch, check_parity
 
-from parity import AUDIO, check_batch, check_parity
 from qasr.errors import EngineError
 from qasr.export import tensorrt_build
+from qasr.runtime.backends.cuda import row_copy
+from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
+from qasr.runtime.backends.tensorrt_engines import RECORD_FORMAT, check_record
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.decode import PREFILL_CHUNK, token_budget
 from qasr.runtime.embed import WINDOW_BATCH
-from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from qasr.runtime.cuda import row_copy
-from qasr.runtime.tensorrt_backend import RECORD_FORMAT, check_record
 
 ROOT = Path(__file__).parent.parent
-GPU_MODULES = ["qasr/runtime/tensorrt_backend.py", "qasr/runtime/cuda.py", "qasr/export/tensorrt_build.py",
-               "qasr/runtime/onnxruntime_cuda.py", "qasr/export/precision.py", "qasr/export/quantize.py",
-               "qasr/runtime/verify.py", "qasr/runtime/prepack.py"]
+GPU_MODULES = ["qasr/runtime/backends/tensorrt_engines.py", "qasr/runtime/backends/cuda.py",
+               "qasr/runtime/backends/onnxruntime_cuda.py", "qasr/runtime/backends/select.py",
+               "qasr/runtime/backends/prepack.py", "qasr/export/tensorrt_build.py", "qasr/export/precision.py",
+               "qasr/export/quantize.py", "qasr/runtime/verify.py"]
 MYPY_CONFIG = """
 [mypy]
 python_version = 3.10
@@ -220,8 +221,8 @@ def test_every_symbolic_dimension_has_a_profile(bundle, preset):
 @pytest.fixture(scope="module")
 def gpu():
     """Skip, with the reason, unless TensorRT and a CUDA device are here."""
-    from qasr.runtime.cuda import Cuda
-    from qasr.runtime.tensorrt_backend import tensorrt_version
+    from qasr.runtime.backends.cuda import Cuda
+    from qasr.runtime.backends.tensorrt_engines import tensorrt_version
 
     try:
         tensorrt_version()
@@ -251,7 +252,7 @@ def engines(gpu, bundle, tmp_path_factory):
 
 @pytest.mark.gpu
 def test_tensorrt_engines_batch_like_one_at_a_time(engines, speech):
-    from qasr.runtime.tensorrt_backend import TensorRTBackend
+    from qasr.runtime.backends.tensorrt_engines import TensorRTBackend
 
     bundle = engines("tiny", "fp32")
     check_batch(TensorRTBackend(bundle), OnnxRuntimeBackend(bundle), speech)
@@ -260,7 +261,7 @@ def test_tensorrt_engines_batch_like_one_at_a_time(engines, speech):
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16", 2e-2), ("bf16", 5e-2)])
 def test_tensorrt_engines_match_the_fp32_graphs(engines, speech, precision, tolerance):
-    from qasr.runtime.tensorrt_backend import TensorRTBackend
+    from qasr.runtime.backends.tensorrt_engines import TensorRTBackend
 
     bundle = engines("tiny", precision)
     check_parity(TensorRTBackend(bundle), OnnxRuntimeBackend(bundle), speech, precision != "bf16", tolerance)
@@ -268,7 +269,7 @@ def test_tensorrt_engines_match_the_fp32_graphs(engines, speech, precision, tole
 
 @pytest.mark.gpu
 def test_tensorrt_aligner_engine_matches_the_fp32_graph(engines):
-    from qasr.runtime.tensorrt_backend import TensorRTBackend
+    from qasr.runtime.backends.tensorrt_engines import TensorRTBackend
 
     bundle = engines("tiny-aligner", "bf16")
     stamp = bundle.tokens["timestamp"]

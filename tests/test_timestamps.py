@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from qasr.errors import UsageError
 from qasr.runtime import timestamps
-from qasr.runtime.formats import Word
+from qasr.runtime.results import Word
 from qasr.runtime.timestamps import aligner_ids, aligner_text, repair_timestamps, split_units, unit_spans, unit_times
 from qasr.runtime.tokenizer import Tokenizer
 

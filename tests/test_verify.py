@@ -10,8 +10,8 @@ import pytest
 from qasr.cli import main
 from qasr.export.quantize import quantize_bundle
 from qasr.runtime.verify import LIMITS, Clip, Report, edit_distance, id_agreement, normalize_text, text_errors
+from support import DATA
 
-DATA = Path(__file__).parent / "data"
 EN, ZH = str(DATA / "en_16k_s16.wav"), str(DATA / "zh_16k_f32_loud.wav")
 
 

@@ -28,12 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qasr.errors import UsageError
 from qasr.export.onnx_files import DATA_THRESHOLD, graph_contract
 from qasr.models.checkpoint import DECODER_PREFIX, EMBED_NAME, HEAD_NAME, _open, _read, check_checkpoint
 from qasr.models.config import ModelConfig, load_config
+from qasr.models.decoder import rope_inv_freq
 
 OPSET = 20
 MS = "com.microsoft"
@@ -102,10 +104,6 @@ class _Reader:
 def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin [positions, head_dim / 2] exactly as the traced decoder computes its angles
     (qasr.models.decoder: fp32 inverse frequencies times fp32 positions, cos/sin in fp32)."""
-    import torch
-
-    from qasr.models.decoder import rope_inv_freq
-
     angles = torch.arange(positions).float()[:, None] * rope_inv_freq(head_dim, theta)[None]
     return angles.cos().numpy(), angles.sin().numpy()
 

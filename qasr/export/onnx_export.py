@@ -15,17 +15,20 @@ from pathlib import Path
 import onnx
 import torch
 
-from qasr import __version__
+from qasr.cache import writable_dir
 from qasr.errors import CheckpointError
+from qasr.export.fused_decoder import build_fused_decoder, check_fusable
 from qasr.export.onnx_files import alias_shared_weights, graph_contract
+from qasr.export.quantize import SCHEMES, check_weights, quantize_graph, quantized_manifest
 from qasr.export.trace import StandIn
 from qasr.export.weight_stream import DataFile, StreamedGraph, return_freed_tensors
 from qasr.models.checkpoint import check_checkpoint, warn_if_head_untied
 from qasr.models.config import ModelConfig, load_config
+from qasr.models.digest import checkpoint_digest
 from qasr.models.thinker import EOS_IDS
 from qasr.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, cache_names, staged
-from qasr.runtime.resolve import checkpoint_digest, writable_dir
 from qasr.runtime.tokenizer import SOURCE_FILES, TOKENIZER_FILE, Tokenizer
+from qasr.version import __version__
 
 OPSET = 20
 
@@ -45,14 +48,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, w
     writable_dir(out.parent, "the bundle's parent directory")  # before minutes of work, not after
     quantized = weights != "fp32" or encoder_weights != "fp32"
     if quantized:
-        from qasr.export.quantize import SCHEMES, check_weights, quantize_graph, quantized_manifest
-
         check_weights(weights, encoder_weights)  # before minutes of export, not after
     return_freed_tensors()
     config = load_config(checkpoint)
     if decoder == "fused" and not config.is_aligner:
-        from qasr.export.fused_decoder import check_fusable
-
         check_fusable(config)  # before minutes of export, not after
     files = check_checkpoint(checkpoint, config)
     warn_if_head_untied(checkpoint, config, files)
@@ -87,12 +86,8 @@ def export_fused(checkpoint: Path, path: Path, precision: str) -> tuple[dict, di
     """The fused decoder, built from the checkpoint's tensors (no tracing); for int8/int4 built
     beside the bundle first, then quantized weight by weight like a traced graph. Its contract keeps
     the cache layout it was built with."""
-    from qasr.export.fused_decoder import build_fused_decoder
-
     if precision == "fp32":
         return build_fused_decoder(checkpoint, path), None
-    from qasr.export.quantize import SCHEMES, quantize_graph
-
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = build_fused_decoder(checkpoint, Path(tmp) / path.name)
         contract, setting = quantize_graph(StreamedGraph.from_file(Path(tmp) / path.name), path, SCHEMES[precision])

@@ -32,11 +32,13 @@ import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
-from qasr import __version__
 from qasr.errors import BundleError
 from qasr.export.onnx_files import DATA_THRESHOLD, graph_contract, unalias_shared_weights
+from qasr.export.quantize import qdq_int4
 from qasr.runtime.bundle import DERIVED_RECORD, Bundle, derived_dir, derived_is_current, staged
+from qasr.version import __version__
 
 FLOAT = TensorProto.FLOAT
 LOW_TYPES = {"bf16": TensorProto.BFLOAT16, "fp16": TensorProto.FLOAT16, "fp32": FLOAT}
@@ -91,10 +93,6 @@ def derive_graph(src: Path, dst: Path, precision: str, encoder_layers: int = 0, 
     model = onnx.load(str(src), load_external_data=False)
     unalias_shared_weights(model)
     if int4_weights:
-        from onnx.external_data_helper import load_external_data_for_model
-
-        from qasr.export.quantize import qdq_int4
-
         load_external_data_for_model(model, str(src.parent))
         model = qdq_int4(model)
     model = onnx.shape_inference.infer_shapes(model)

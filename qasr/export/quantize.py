@@ -36,12 +36,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
-from qasr import __version__
+
 from qasr.errors import BundleError, UsageError
 from qasr.export.onnx_files import graph_contract, unalias_shared_weights
 from qasr.export.weight_stream import DataFile, StreamedGraph, return_freed_tensors
 from qasr.runtime.bundle import MANIFEST, Bundle, staged
+from qasr.version import __version__
 
 WEIGHTS = ("fp32", "int8", "int4")
 ENCODER_WEIGHTS = ("fp32", "int8")
@@ -105,7 +107,6 @@ def quantized_manifest(manifest: dict, weights: str, settings: dict, reference: 
     """An fp32 manifest whose graphs' contracts are already the quantized ones, marked as quantized:
     the settings per graph, the quantizer that wrote them, and the fp32 bundle `qasr verify` compares
     with (None when the checkpoint was quantized directly)."""
-    import onnxruntime
 
     manifest = {**manifest, "precision": weights, "weights": settings}
     manifest["quantizer"] = {"name": QUANTIZER, "onnxruntime": onnxruntime.__version__, "qasr": __version__}

@@ -23,15 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from qasr import __version__
 from qasr.errors import EngineError
 from qasr.runtime.align import MAX_SECONDS as ALIGNER_SECONDS
+from qasr.runtime.backends.cuda import Cuda
+from qasr.runtime.backends.tensorrt_engines import CAPACITY_STEP, RECORD_FORMAT, tensorrt_version
 from qasr.runtime.bundle import DERIVED_RECORD, ENGINES, ENGINES_RECORD, Bundle
 from qasr.runtime.decode import PREFILL_CHUNK, token_budget
 from qasr.runtime.embed import WINDOW_BATCH
-from qasr.runtime.cuda import Cuda
-from qasr.runtime.tensorrt_backend import CAPACITY_STEP, RECORD_FORMAT, tensorrt_version
 from qasr.runtime.windows import CHUNK_FRAMES, token_count, window_count
+from qasr.version import __version__
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 PROMPT_TOKENS = 256  # chat template plus a context text, beside the audio tokens

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qasr.errors import CheckpointError
+from qasr.errors import CheckpointError, first_line
 from qasr.models.config import INDEX_FILE, SINGLE_FILE, ModelConfig, load_config
 
 if TYPE_CHECKING:  # torch and safetensors load on first read, so shapes and counts need neither
@@ -129,11 +129,8 @@ def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({first_line(exc)})") from None
 
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def check_checkpoint(checkpoint: str | Path, config: ModelConfig | None = None) -> dict[str, Path]:
@@ -191,7 +188,7 @@ def _read(f, path: Path, name: str) -> torch.Tensor:
     try:
         return f.get_tensor(name).float()
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: tensor {name} cannot be read ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: tensor {name} cannot be read ({first_line(exc)})") from None
 
 
 def read_tensor(path: Path, name: str) -> torch.Tensor:
@@ -224,7 +221,7 @@ def _read_slice(f, path: Path, name: str, start: int, stop: int) -> torch.Tensor
     try:
         return f.get_slice(name)[start:stop]
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: tensor {name} cannot be read ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: tensor {name} cannot be read ({first_line(exc)})") from None
 
 
 def official_name(parameter: str) -> str:

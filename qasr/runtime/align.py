@@ -11,13 +11,13 @@ import numpy as np
 
 from qasr.errors import UsageError
 from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path
-from qasr.runtime.backend import Backend
+from qasr.runtime.backends.interface import Backend
 from qasr.runtime.bundle import Bundle
-from qasr.runtime.resolve import DEFAULT_ALIGNER
 from qasr.runtime.embed import embed_audio
 from qasr.runtime.loaded import LoadedModel
-from qasr.runtime.formats import Word
 from qasr.runtime.prompt import check_language
+from qasr.runtime.resolve import DEFAULT_ALIGNER
+from qasr.runtime.results import Word
 from qasr.runtime.timestamps import aligner_ids, split_units, unit_times
 
 MAX_SECONDS = 180  # the official split length when timestamps are asked for

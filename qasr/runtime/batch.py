@@ -10,7 +10,7 @@ sized by its own prompt and budget, placed first-fit among the regions of the ot
 recording beside short ones does not make every row as long as the longest. The block grows when
 a request finds no room and is sized afresh when the batch is empty. A backend with one cache
 slot per batch row (the fused decoder: `slots = True`) gets `Slots` instead: the lowest free slot,
-its memory still its own rows (qasr.runtime.onnxruntime_fused); a free slot below the highest one
+its memory still its own rows (qasr.runtime.backends.onnxruntime_fused); a free slot below the highest one
 in use runs as an idle row of each step.
 
 A stream (a Sequence with an `owner`) keeps its region between its steps: its next step re-decodes
@@ -25,13 +25,13 @@ from __future__ import annotations
 import time
 import weakref
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import TypeVar
 
 import numpy as np
 
 from qasr.errors import QasrError
-from qasr.runtime.backend import Backend
+from qasr.runtime.backends.interface import Backend
 from qasr.runtime.decode import PREFILL_CHUNK, Decoded, Sequence
 
 ALIGN = 64  # region sizes (so starts and the cache's size) are multiples of this many rows
@@ -83,7 +83,7 @@ class Regions:
 
 class Slots:
     """Placement for backends with one cache slot per batch row (the fused decoder,
-    qasr.runtime.onnxruntime_fused): the lowest free slot, and every slot as long as the longest
+    qasr.runtime.backends.onnxruntime_fused): the lowest free slot, and every slot as long as the longest
     request placed (rounded up to ALIGN rows). The same calls as Regions; a "start" is a slot."""
 
     def __init__(self) -> None:
@@ -301,3 +301,14 @@ def run_steps(engine: BatchDecoder, steps: Generator[Sequence, None, Result]) ->
             sequence = next(steps)
     except StopIteration as stop:
         return stop.value
+
+
+def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray, audio_token: int,
+                  budget: int, eos_ids: tuple[int, ...], keep_logits: bool = False,
+                  on_token: Callable[[int], None] | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                  forced: list[int] | None = None) -> Decoded:
+    """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order,
+    on an engine of its own. `forced` (teacher forcing, for `qasr verify`): feed these ids instead
+    of the greedy choices."""
+    sequence = Sequence(prompt, audio_embeds, audio_token, budget, eos_ids, keep_logits, on_token, forced=forced)
+    return decode_alone(BatchDecoder(backend, max_batch=1, prefill_chunk=prefill_chunk), sequence)

@@ -42,6 +42,7 @@ def staged(out: Path) -> Iterator[Path]:
 # without its record is unfinished work: qasr.jsonfile.read_record).
 DERIVED, DERIVED_RECORD = "derived", "graphs.json"  # graphs in another precision (qasr.export.precision)
 ENGINES, ENGINES_RECORD = "engines", "engines.json"  # TensorRT engines (`qasr build`)
+PREPACKED, PREPACKED_RECORD = "prepacked", "prepacked.json"  # CPU-packed weights (qasr.runtime.backends.prepack)
 
 
 def derived_dir(bundle: Bundle, precision: str) -> Path:

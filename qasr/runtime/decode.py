@@ -3,7 +3,7 @@
 The prompt is prefilled in chunks (bounded attention memory for 20-minute prompts), each chunk
 carrying the audio embeddings of the <|audio_pad|> rows it contains; then one token per step
 until an end-of-sequence id or the budget. `Sequence` holds that per-request logic; the batch
-engine (qasr.runtime.batch) steps many of them at once, and `greedy_decode` is its one-row case.
+engine (qasr.runtime.batch) steps many of them at once; its `greedy_decode` is the one-row case.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qasr.errors import QasrError
-from qasr.runtime.backend import Backend
+from qasr.runtime.backends.interface import Backend
 
 PREFILL_CHUNK = 512
 LOOP_REPEATS = 20  # the official repetition fix's threshold (qwen_asr.inference.utils.detect_and_fix_repetitions)
@@ -132,16 +132,3 @@ class Sequence:
                 if self.on_token:
                     self.on_token(self.result.tokens[-1])
             self.done = True
-
-
-def greedy_decode(backend: Backend, prompt: list[int], audio_embeds: np.ndarray, audio_token: int,
-                  budget: int, eos_ids: tuple[int, ...], keep_logits: bool = False,
-                  on_token: Callable[[int], None] | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                  forced: list[int] | None = None) -> Decoded:
-    """Greedy ids after `prompt`, whose `audio_token` rows take `audio_embeds` [N, hidden] in order,
-    on an engine of its own. `forced` (teacher forcing, for `qasr verify`): feed these ids instead
-    of the greedy choices."""
-    from qasr.runtime.batch import BatchDecoder, decode_alone  # the engine builds on this module
-
-    sequence = Sequence(prompt, audio_embeds, audio_token, budget, eos_ids, keep_logits, on_token, forced=forced)
-    return decode_alone(BatchDecoder(backend, max_batch=1, prefill_chunk=prefill_chunk), sequence)

@@ -13,7 +13,7 @@ import numpy as np
 
 from qasr.errors import AudioError
 from qasr.kernels.fbank import log_mel
-from qasr.runtime.backend import Backend
+from qasr.runtime.backends.interface import Backend
 from qasr.runtime.windows import CHUNK_FRAMES, join_windows, split_windows
 
 WINDOW_BATCH = 2  # encoder windows per call: 16 s; larger batches ran slower (cache) and grew the peak memory

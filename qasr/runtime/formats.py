@@ -1,4 +1,4 @@
-"""Result types and the output formats: plain text, JSON, SRT and WebVTT subtitles.
+"""The output formats: plain text, JSON, SRT and WebVTT subtitles, in one registry (FORMATS).
 
 Subtitle cues are built from the aligner's word times but take their text from the transcript
 itself: the aligner's units have punctuation stripped (and Japanese units are normalised by
@@ -9,47 +9,15 @@ punctuation and spacing included, from its first unit up to the next cue's first
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 from qasr.errors import UsageError
+from qasr.runtime.results import Segment, Transcript, Word
+from qasr.runtime.timestamps import unit_spans
 
-FORMATS = ("txt", "json", "srt", "vtt")
 SENTENCE_END = frozenset(".!?。！？．｡…‼⁇⁈⁉؟।")
 MIN_CUE_MS = 500  # length of a cue whose words have none (see subtitle_segments)
-
-
-@dataclass(frozen=True)
-class Word:
-    """One aligned unit (a word, or one CJK character); times in seconds."""
-
-    text: str
-    start: float
-    end: float
-
-
-@dataclass
-class Transcript:
-    """What one clip's transcription returns, whatever the backend; every writer takes this."""
-
-    text: str
-    language: str                  # merged language string, "" when unknown or silence
-    token_ids: list[int]           # generated ids, end-of-sequence excluded
-    audio: str | None = None       # the source (path) when there is one
-    duration: float = 0.0          # seconds of audio
-    words: list[Word] | None = None
-    # seconds per stage: audio (read, resample), frontend, encoder, setup (KV cache; on the first
-    # call also the wait for a decoder still loading), prefill, decode, align; total; rtf
-    timings: dict[str, float] = field(default_factory=dict)
-    truncated: bool = False        # a token budget cut the text; reported, never hidden
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One subtitle cue; times in seconds (whole milliseconds)."""
-
-    start: float
-    end: float
-    text: str
 
 
 def to_txt(t: Transcript) -> str:
@@ -85,18 +53,48 @@ def _clock(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"
 
 
-def render(t: Transcript, fmt: str, max_chars: int = 42, max_duration: float = 6.0) -> str:
-    """The transcript in one of FORMATS; subtitles need word times (the aligner)."""
-    if fmt == "txt":
-        return to_txt(t)
-    if fmt == "json":
-        return to_json(t)
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown output format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if t.words is None:
-        raise UsageError(f"{fmt} subtitles need word timestamps; run with the forced aligner")
-    segments = subtitle_segments(t.text, t.words, max_chars, max_duration)
-    return to_srt(segments) if fmt == "srt" else to_vtt(segments)
+def to_srt_file(t: Transcript) -> str:
+    return to_srt(_segments(t))
+
+
+def to_vtt_file(t: Transcript) -> str:
+    return to_vtt(_segments(t))
+
+
+def _segments(t: Transcript) -> list[Segment]:
+    return subtitle_segments(t.text, t.words or [])  # render has refused subtitles without word times
+
+
+@dataclass(frozen=True)
+class Format:
+    """One output format: the name `--format` takes (also the file extension), its writer, its
+    media type, whether it needs word times, and the OpenAI `response_format` that returns it as
+    plain text (None where OpenAI's own JSON shapes answer instead)."""
+
+    name: str
+    write: Callable[[Transcript], str]
+    media_type: str
+    needs_words: bool = False
+    openai: str | None = None
+
+
+# Every format, once: the CLI's choices, the server's response formats and the page's downloads come from here.
+FORMATS = {f.name: f for f in (
+    Format("txt", to_txt, "text/plain", openai="text"),
+    Format("json", to_json, "application/json"),
+    Format("srt", to_srt_file, "application/x-subrip", needs_words=True, openai="srt"),
+    Format("vtt", to_vtt_file, "text/vtt", needs_words=True, openai="vtt"),
+)}
+
+
+def render(t: Transcript, name: str) -> str:
+    """The transcript in format `name`; one line when the name is unknown or subtitles lack word times."""
+    if name not in FORMATS:
+        raise UsageError(f"unknown output format {name!r}; choose one of {', '.join(FORMATS)}")
+    if FORMATS[name].needs_words and t.words is None:
+        raise UsageError(f"{name} subtitles need word timestamps; run with the forced aligner")
+    return FORMATS[name].write(t)
+
 
 
 def subtitle_segments(text: str, words: list[Word], max_chars: int = 42, max_duration: float = 6.0) -> list[Segment]:
@@ -117,8 +115,6 @@ def subtitle_segments(text: str, words: list[Word], max_chars: int = 42, max_dur
         raise UsageError(f"subtitle limits must be positive (max_chars={max_chars}, max_duration={max_duration})")
     if not words:
         return []
-    from qasr.runtime.timestamps import unit_spans  # not at the top: timestamps imports Word from here
-
     cuts = unit_spans(text, [w.text for w in words])
     groups = _group(text, words, cuts, max_chars, max_duration)
     segments: list[Segment] = []

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from qasr.errors import BundleError
-from qasr.runtime.backend import Backend, open_backend
+from qasr.runtime.backends.interface import Backend
+from qasr.runtime.backends.select import open_backend
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.resolve import resolve_model
 from qasr.runtime.tokenizer import Tokenizer

@@ -95,6 +95,17 @@ def parse_output(raw: str, language: str | None) -> tuple[str, str]:
     return _meta_language(meta), text.strip()
 
 
+def partial_text(raw: str, forced: bool) -> str | None:
+    """The transcript part of output still being generated, cut where `parse_output` will cut it:
+    all of it with a forced language, what follows `<asr_text>` once that came, the whole output
+    once it can no longer be metadata; None while it still may be (text to hold back)."""
+    if forced:
+        return raw.lstrip()
+    if ASR_TEXT in raw:
+        return raw.split(ASR_TEXT, 1)[1].lstrip()
+    return None if may_be_metadata(raw) else raw.lstrip()
+
+
 def may_be_metadata(raw: str) -> bool:
     """Whether output so far could still be the metadata `parse_output` cuts off (`language X`, its
     lines, up to `<asr_text>`): a streamer holds text back only while this is true."""

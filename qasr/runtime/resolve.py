@@ -1,4 +1,5 @@
-"""Where a model comes from: a bundle, a checkpoint directory or a Hugging Face id, as a bundle path.
+"""Where a model comes from: a bundle, a checkpoint directory or a Hugging Face id, as a bundle path;
+and the runtime's one seam up into qasr.export, for the work done on first use.
 
 A bundle is used as it is. A checkpoint (a local directory, or a hub id that huggingface_hub
 resolves through its own cache, `HF_HUB_OFFLINE`, tokens and `@revision`) is exported once into
@@ -8,31 +9,32 @@ manifest records) and its weight precision: a changed checkpoint is exported aga
 one never is. A lock per entry lets two first uses at once export it once; the export itself is
 staged and moved into place whole, and an entry that is damaged later is found and rebuilt.
 
-Exporting needs the `export` extra (torch, onnx); a runtime-only install that meets a checkpoint
-says so in one line. This module itself imports neither.
+The same holds for a bundle's fp16/bf16 graphs on the GPU (`derive_graphs`) and for the fp32
+reference `qasr verify` exports from a checkpoint (`export_reference`). Those three are the only
+places the runtime calls into qasr.export, each importing it when called: exporting needs the
+`export` extra (torch, onnx), deriving the `gpu` extra (onnx), and a runtime-only install that
+meets either says so in one line.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
-from qasr.errors import BundleError, CheckpointError, QasrError, UsageError
+from qasr.cache import cache_dir, locked, writable_dir
+from qasr.errors import BundleError, CheckpointError, EngineError, QasrError, UsageError, first_line
 from qasr.jsonfile import read_record
 from qasr.memory import available_memory, gb
-from qasr.models.config import INDEX_FILE, SINGLE_FILE, load_config
-from qasr.runtime.bundle import MANIFEST, Bundle
+from qasr.models.checkpoint import expected_shapes, parameter_counts
+from qasr.models.config import load_config
+from qasr.models.digest import checkpoint_digest
+from qasr.progress import Progress, say
+from qasr.runtime.bundle import MANIFEST, Bundle, derived_dir, derived_is_current
 
 DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
 DEFAULT_ALIGNER = "Qwen/Qwen3-ForcedAligner-0.6B"
@@ -41,20 +43,6 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer; no docs or media
 EXPORT_HINT = ('pip install "qwen3-asr-edge[export]", or run `qasr export` on a machine that has it '
                "and copy the bundle here")
-
-Progress = Callable[[str], None]
-
-
-def say(line: str) -> None:
-    print(f"qasr: {line}", file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    """$QASR_CACHE, else $XDG_CACHE_HOME/qasr, else ~/.cache/qasr."""
-    if os.environ.get("QASR_CACHE"):
-        return Path(os.environ["QASR_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return Path(base).expanduser() / "qasr"
 
 
 def resolve_model(spec: str | os.PathLike, kind: str = "asr", weights: str = "fp32",
@@ -99,11 +87,8 @@ def hub_snapshot(spec: str) -> Path:
     except Exception as exc:  # offline, unknown repo, gated, bad revision: the hub raises many types
         local = Path(repo.split("/")[0]).is_dir()  # `bundles/x` with a bundles/ here: a mistyped path
         where = "no such directory, nor a model the Hugging Face hub has" if local else "not found in the Hugging Face hub or its cache"
-        raise CheckpointError(f"{spec}: {where} ({_first_line(exc)})") from None
+        raise CheckpointError(f"{spec}: {where} ({first_line(exc)})") from None
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _check_kind(checkpoint: Path, kind: str) -> None:
@@ -180,8 +165,6 @@ def export_needs(checkpoint: Path, weights: str = "fp32", encoder_weights: str =
     The export holds one block of rows at a time; quantizing holds one whole weight in fp32 (the
     head's transpose, the largest) with its packed form (docs/benchmarks.md, "Bounded export").
     """
-    from qasr.models.checkpoint import expected_shapes, parameter_counts
-
     config = load_config(checkpoint)
     largest = max(math.prod(shape) for shape in expected_shapes(config).values()) * 4
     quantized = weights != "fp32" or encoder_weights != "fp32"
@@ -216,91 +199,40 @@ def _entry_problem(entry: Path, digest: str, weights: str) -> str | None:
     return f"damaged ({', '.join(damaged[:3])})" if damaged else None
 
 
-@contextmanager
-def locked(path: Path, progress: Progress, waiting: str) -> Iterator[None]:
-    """An exclusive lock on `path`, saying so while waiting. filelock takes flock on Unix and
-    msvcrt's lock on Windows; either is released by the operating system if the holder dies."""
-    lock = FileLock(str(path))
+
+
+def export_reference(checkpoint: Path, out: Path) -> Path:
+    """An fp32 bundle of `checkpoint` in `out`, for `qasr verify` to compare against (not cached: a
+    reference is needed once, and its 2-8 GB should not stay behind)."""
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        progress(f"{waiting}; waiting for it")
-        lock.acquire()
+        from qasr.export.onnx_export import export_bundle
+    except ImportError:
+        raise UsageError(f"{checkpoint}: a checkpoint reference is exported first, which needs torch: "
+                         'pip install "qwen3-asr-edge[export]" (or give an fp32 bundle)') from None
+    return export_bundle(checkpoint, out, progress=lambda line: None)
+
+
+def derive_graphs(bundle: Bundle, precision: str, progress: Progress) -> None:
+    """Derive BUNDLE/derived/<precision> once, on first use on the GPU, as a checkpoint is exported
+    on its first use: under a lock, staged, and kept for later runs.
+
+    The derivation rewrites the fp32 graphs with onnx (the gpu extra installs it); where that is
+    missing, or the bundle is read-only, one line says how to get the graphs."""
+    if derived_is_current(bundle, precision):
+        return
     try:
-        yield
-    finally:
-        lock.release()
-
-
-def checkpoint_digest(checkpoint: Path) -> str:
-    """sha256 over config.json and the weight files, in name order: which checkpoint a bundle came from.
-
-    Hashing a 1.7B checkpoint reads 4.7 GB, so the digest is remembered per directory against each
-    file's size and modification time, and recomputed only when one of them changes.
-    """
-    files = [checkpoint / "config.json", *_weight_files(checkpoint)]
-    stamp = [[f.name, *_stat(f)] for f in files]
-    memo = cache_dir() / "digests" / (hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:24] + ".json")
+        from qasr.export.precision import derive_bundle
+    except ImportError:
+        raise EngineError(f"{bundle.path}: {precision} graphs are derived from the fp32 ones with onnx: "
+                          'pip install "qwen3-asr-edge[gpu]", or derive them elsewhere with '
+                          f"`qasr build {bundle.path} --precision {precision} --graphs-only`") from None
+    out = derived_dir(bundle, precision)
     try:
-        known = json.loads(memo.read_text(encoding="utf-8"))
-        if known["files"] == stamp:
-            return known["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    _write_atomic(memo, json.dumps({"files": stamp, "sha256": digest.hexdigest()}))
-    return digest.hexdigest()
-
-
-def _weight_files(checkpoint: Path) -> list[Path]:
-    """The distinct safetensors files of a checkpoint (its index's, or the single file), in name order."""
-    index = checkpoint / INDEX_FILE
-    if index.is_file():
-        try:
-            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
-        return [checkpoint / name for name in sorted(names)]
-    return [checkpoint / SINGLE_FILE]
-
-
-def _stat(path: Path) -> list[int]:
-    try:
-        info = path.stat()
-    except OSError:
-        raise CheckpointError(f"{path}: missing") from None
-    return [info.st_size, info.st_mtime_ns]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Best effort: a memo that cannot be written only costs the next run a rehash."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    except OSError:
-        pass
-
-
-def writable_dir(path: Path, what: str) -> Path:
-    """`path` as a directory this process can write into, created if need be; else one line saying why.
-
-    Checked before any work is spent, so that an hour of transcription is never lost to a
-    mistyped output directory at the end.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{path}: {what} is not a directory")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".qasr-write-test-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot use it as {what} ({exc.strerror or exc})") from None
-    return path
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with locked(out.parent / f".{precision}.lock", progress, f"another process is deriving {out}"):
+            if not derived_is_current(bundle, precision):
+                progress(f"first use of {precision} on the GPU: deriving its graphs into {out}; once")
+                derive_bundle(bundle, precision, progress=lambda line: None)
+    except PermissionError:
+        raise EngineError(f"{bundle.path}: not writable, so its {precision} graphs cannot be derived here; "
+                          f"run `qasr build {bundle.path} --precision {precision} --graphs-only` where it is") from None

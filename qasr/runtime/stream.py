@@ -41,6 +41,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import numpy as np
+import soxr
 
 from qasr.errors import AudioError, UsageError
 from qasr.kernels.fbank import HOP_LENGTH, N_FFT, LogMelStream, clamp_and_scale, log10_mel_batch
@@ -48,6 +49,7 @@ from qasr.runtime.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SAMPLE_RATE
 from qasr.runtime.batch import run_steps
 from qasr.runtime.decode import Sequence
 from qasr.runtime.embed import add_time, embed_audio, embed_features
+from qasr.runtime.pauses import first_pause, frame_energy_db
 from qasr.runtime.prompt import AUDIO_PAD, asr_prompt, check_language, expand_audio, merge_languages, parse_output
 from qasr.runtime.windows import token_count
 
@@ -55,8 +57,6 @@ MAX_NEW_TOKENS = 32  # the official streaming examples' budget per step
 SEGMENT_SECONDS = 30.0
 CONTEXT_CHARS = 200  # committed text carried into the next segment's context
 PAUSE_SECONDS = 0.3  # quiet this long counts as a pause
-_PAUSE_FLOOR_DB = 6.0  # quiet: within max(6 dB, 30% of the segment's range) above its noise floor
-_PAUSE_RANGE = 0.3
 _PAD = N_FFT // 2
 
 
@@ -188,28 +188,19 @@ class _Segment:
 
     def append(self, samples: np.ndarray) -> None:
         self.audio.append(samples)
-        whole = len(self.audio.samples) // HOP_LENGTH
-        frames = self.audio.samples[len(self.energy) * HOP_LENGTH : whole * HOP_LENGTH].reshape(-1, HOP_LENGTH)
-        power = np.mean(np.square(frames, dtype=np.float64), axis=1)
-        self.energy = np.concatenate([self.energy, (10 * np.log10(power + 1e-10)).astype(np.float32)])
+        fresh = frame_energy_db(self.audio.samples[len(self.energy) * HOP_LENGTH:], HOP_LENGTH)
+        self.energy = np.concatenate([self.energy, fresh])
 
     def find_pause(self, after: int) -> int | None:
         """Sample index (in the segment) of the middle of the first pause that starts at or past
-        sample `after`, or None. Quiet frames are those near the segment's noise floor (its 10th
-        percentile energy), a margin that scales with the segment's dynamic range."""
-        if len(self.energy) == 0:
-            return None
-        low, high = np.percentile(self.energy, 10), float(self.energy.max())
-        quiet = self.energy <= low + max(_PAUSE_FLOOR_DB, _PAUSE_RANGE * (high - low))
+        sample `after`, or None (qasr.runtime.pauses: quiet relative to the segment's noise floor)."""
         need = int(PAUSE_SECONDS * SAMPLE_RATE / HOP_LENGTH)
         begin = max(after // HOP_LENGTH, self.searched)
-        run = 0
-        for i in range(max(0, begin - need), len(quiet)):
-            run = run + 1 if quiet[i] else 0
-            if run >= need and i - need + 1 >= begin:
-                return (i - need // 2) * HOP_LENGTH
-        self.searched = max(begin, len(quiet) - need)
-        return None
+        middle = first_pause(self.energy, need, begin)
+        if middle is None:
+            self.searched = max(begin, len(self.energy) - need)
+            return None
+        return middle * HOP_LENGTH
 
 
 @dataclass
@@ -333,8 +324,6 @@ class Stream:
             raise AudioError(f"<stream>: unsupported sample rate {rate!r} "
                              f"(expected {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz)")
         if self._resampler is None:
-            import soxr
-
             self._resampler, self._input_rate = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32",
                                                                     quality="HQ"), rate
         elif rate != self._input_rate:

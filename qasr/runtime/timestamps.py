@@ -18,8 +18,8 @@ from importlib import resources
 import numpy as np
 
 from qasr.errors import QasrError, UsageError
-from qasr.runtime.formats import Word
 from qasr.runtime.prompt import AUDIO_PAD, expand_audio
+from qasr.runtime.results import Word
 from qasr.runtime.tokenizer import Tokenizer
 
 TIMESTAMP = "<timestamp>"

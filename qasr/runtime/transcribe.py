@@ -2,7 +2,7 @@
 
 load_audio -> log_mel -> encoder windows (in batches) -> projector -> prompt -> greedy decode ->
 parse. Many recordings decode side by side with `transcribe_many(batch_size=N)`
-(qasr.runtime.batch). Audio up to 20 minutes goes through in one pass, as the official package
+(qasr.runtime.batcher). Audio up to 20 minutes goes through in one pass, as the official package
 does; longer audio is cut at the quietest point near each 20-minute mark and the parts joined (each 180 s
 when word times are asked for, as the aligner's limit). A token budget that runs out is
 reported in `Transcript.truncated`, never hidden.
@@ -12,30 +12,32 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from qasr.errors import QasrError
 from qasr.runtime.align import MAX_SECONDS as ALIGN_SECONDS
-from qasr.runtime.align import Aligner
 from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path, split_long_audio
-from qasr.runtime.backend import Backend
-from qasr.runtime.bundle import Bundle
-from qasr.runtime.resolve import DEFAULT_MODEL
+from qasr.runtime.backends.interface import Backend
 from qasr.runtime.batch import BatchDecoder, decode_alone
-from qasr.runtime.decode import Decoded, Sequence, token_budget
+from qasr.runtime.batcher import Batcher, Recording
+from qasr.runtime.bundle import Bundle
+from qasr.runtime.decode import Sequence, token_budget
 from qasr.runtime.embed import add_time, embed_audio
-from qasr.runtime.formats import Transcript
 from qasr.runtime.loaded import LoadedModel
+from qasr.runtime.options import TranscribeOptions
 from qasr.runtime.prompt import check_language, merge_languages, parse_output, prompt_ids
+from qasr.runtime.resolve import DEFAULT_MODEL
+from qasr.runtime.results import Transcript
 from qasr.runtime.stream import MAX_NEW_TOKENS, SEGMENT_SECONDS, Stream
 from qasr.runtime.timestamps import split_units
 from qasr.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 MAX_SECONDS = 1200  # the official one-pass limit; longer audio is split near each mark
+_END = object()  # the end of transcribe_many's input
 
 
 class Transcriber(LoadedModel):
@@ -52,7 +54,6 @@ class Transcriber(LoadedModel):
         self.audio_token = int(bundle.tokens["audio"])
         self.eos_ids = tuple(bundle.tokens["eos"])
         self._engine: BatchDecoder | None = None
-        self.loop_guard = False  # end repetition loops early (qasr.runtime.decode.LoopGuard): opt-in
 
     @property
     def engine(self) -> BatchDecoder:
@@ -67,109 +68,107 @@ class Transcriber(LoadedModel):
         wave = load_audio(audio, sample_rate)
         return embed_audio(self.backend, wave, self.window_frames, source=source_path(audio) or "<audio>")
 
-    def transcribe(self, audio, language: str | None = None, context: str = "",
-                   max_new_tokens: int | None = None, sample_rate: int | None = None,
-                   aligner: Aligner | None = None, progress: bool = False,
-                   on_token: Callable[[int], None] | None = None) -> Transcript:
+    def transcribe(self, audio, options: TranscribeOptions | None = None, *, progress: bool = False,
+                   on_token: Callable[[int], None] | None = None, **fields) -> Transcript:
         """Transcribe one recording (a path, bytes, a binary file, or an array with its rate).
 
-        `language` forces the output language (else it is identified); `context` is background
-        text (names, terms, a previous transcript) the model may use; `max_new_tokens` is the
-        token budget of each pass, as in the official package (by default it grows with the
-        audio: 32 + 10 per second); `aligner` adds word times (the audio is
-        then cut into parts of at most 180 s, as the official package does for timestamps);
-        `on_token` sees each generated id as it comes (the server streams text from it).
+        `options` (TranscribeOptions), or its fields as keywords (`language="English"`,
+        `max_new_tokens=64`, ...): the language, context, token budget, aligner and loop guard.
+        `progress` shows a bar on stderr; `on_token` sees each generated id as it comes (the
+        server streams text from it).
         """
-        job = self._open(audio, language, sample_rate, aligner)
-        for index in range(len(job.parts)):
-            sequence = self._sequence(job, index, context, max_new_tokens)
+        recording = self.prepare(audio, (options or TranscribeOptions()).with_fields(**fields))
+        if recording.error:
+            raise recording.error
+        for index in range(len(recording.parts)):
+            sequence = self.request(recording, index)
             with (_Progress(self.tokenizer, sequence.budget, on_token) if progress else nullcontext()) as bar:
                 sequence.on_token = bar.update if bar else on_token
-                job.decoded[index] = decode_alone(self.engine, sequence)
-        return self._finish(job, aligner)
+                recording.decoded[index] = decode_alone(self.engine, sequence)
+        return self.finish(recording)
 
-    def transcribe_many(self, audios: Iterable, batch_size: int = 1,
-                        **options) -> Iterator[tuple[object, Transcript | QasrError]]:
+    def transcribe_many(self, audios: Iterable, options: TranscribeOptions | None = None, batch_size: int = 1,
+                        progress: bool = False, **fields) -> Iterator[tuple[object, Transcript | QasrError]]:
         """(audio, result) for each recording, in input order; a bad one yields its error and the rest go on.
 
         `batch_size` > 1 decodes up to that many recordings per step (continuous batching: a
         recording joins the batch as soon as a row is free and leaves at its end of sequence);
-        the ids are those of one at a time. `options` are transcribe's; `progress` is shown only
-        one at a time.
+        the ids are those of one at a time. `options` and `fields` are transcribe's; `progress`
+        is shown only one at a time.
         """
+        options = (options or TranscribeOptions()).with_fields(**fields)
         if batch_size <= 1:
             for audio in audios:
                 try:
-                    yield audio, self.transcribe(audio, **options)
+                    yield audio, self.transcribe(audio, options, progress=progress)
                 except QasrError as exc:
                     yield audio, exc
             return
-        yield from self._batched(iter(audios), batch_size, **options)
+        yield from self._batched(iter(audios), batch_size, options)
 
-    def _batched(self, audios: Iterator, batch_size: int, language: str | None = None, context: str = "",
-                 max_new_tokens: int | None = None, sample_rate: int | None = None,
-                 aligner: Aligner | None = None, progress: bool = False) -> Iterator[tuple[object, Transcript | QasrError]]:
+    def _batched(self, audios: Iterator, batch_size: int,
+                 options: TranscribeOptions) -> Iterator[tuple[object, Transcript | QasrError]]:
         """The next recording is read and encoded when a row frees up; results leave in input order."""
         batcher = Batcher(self, batch_size)
-        order: deque[_Job] = deque()  # in input order, not yet yielded
+        order: deque[Recording] = deque()  # in input order, not yet yielded
         audio = next(audios, _END)
         while audio is not _END or not batcher.idle:
             while batcher.fill() and audio is not _END:
-                order.append(batcher.open(audio, language, context, max_new_tokens, sample_rate, aligner))
+                order.append(batcher.open(audio, options))
                 audio = next(audios, _END)
             batcher.step()
             while order and order[0].result is not None:
-                job = order.popleft()
-                yield job.audio, job.result
+                recording = order.popleft()
+                yield recording.audio, recording.result
 
-    def _open(self, audio, language: str | None, sample_rate: int | None, aligner: Aligner | None) -> _Job:
-        """Check the options and read the recording; cut it into the parts decoded one pass each."""
-        forced = check_language(language, self.languages) if language else None
+    def prepare(self, audio, options: TranscribeOptions) -> Recording:
+        """Check the options and read the recording; cut it into the parts decoded one pass each.
+        What is wrong with either is kept in the Recording's `error`, for the caller to raise or
+        report beside the other recordings."""
         start = time.perf_counter()
-        wave = load_audio(audio, sample_rate)
-        job = _Job(audio, source_path(audio), wave, forced, start)
-        job.timings["audio"] = time.perf_counter() - start
-        job.parts = split_long_audio(wave, ALIGN_SECONDS if aligner else MAX_SECONDS)
-        job.decoded = [None] * len(job.parts)
-        return job
-
-    def _open_or_fail(self, audio, language, sample_rate, aligner) -> _Job:
         try:
-            return self._open(audio, language, sample_rate, aligner)
+            forced = check_language(options.language, self.languages) if options.language else None
+            wave = load_audio(audio, options.sample_rate)
         except QasrError as exc:
-            return _Job(audio, None, np.zeros(0, dtype=np.float32), None, time.perf_counter(), error=exc)
+            return Recording(audio, None, np.zeros(0, dtype=np.float32), None, start, options, error=exc)
+        recording = Recording(audio, source_path(audio), wave, forced, start, options)
+        recording.timings["audio"] = time.perf_counter() - start
+        recording.parts = split_long_audio(wave, ALIGN_SECONDS if options.aligner else MAX_SECONDS)
+        recording.decoded = [None] * len(recording.parts)
+        return recording
 
-    def _sequence(self, job: _Job, index: int, context: str, max_new_tokens: int | None) -> Sequence:
+    def request(self, recording: Recording, index: int) -> Sequence:
         """Part `index` of the recording, encoded, as a request for the decoder."""
-        piece = job.parts[index][0]
-        embeds = embed_audio(self.backend, piece, self.window_frames, job.timings, job.name or "<audio>")
-        budget = max_new_tokens or token_budget(len(piece) / SAMPLE_RATE)
-        prompt = prompt_ids(self.tokenizer, context, job.forced, len(embeds))
-        return Sequence(prompt, embeds, self.audio_token, budget, self.eos_ids, loop_guard=self.loop_guard)
+        piece, options = recording.parts[index][0], recording.options
+        embeds = embed_audio(self.backend, piece, self.window_frames, recording.timings, recording.name or "<audio>")
+        budget = options.max_new_tokens or token_budget(len(piece) / SAMPLE_RATE)
+        prompt = prompt_ids(self.tokenizer, options.context, recording.forced, len(embeds))
+        return Sequence(prompt, embeds, self.audio_token, budget, self.eos_ids, loop_guard=options.loop_guard)
 
-    def _finish(self, job: _Job, aligner: Aligner | None) -> Transcript:
+    def finish(self, recording: Recording) -> Transcript:
         """Parse each part's ids, add word times, join the parts."""
         texts, languages, tokens, words, truncated = [], [], [], [], False
-        timings = job.timings
-        for (piece, offset), decoded in zip(job.parts, job.decoded):
+        timings, aligner = recording.timings, recording.options.aligner
+        for (piece, offset), decoded in zip(recording.parts, recording.decoded):
             assert decoded is not None
             for key, seconds in (("setup", decoded.setup_seconds), ("prefill", decoded.prefill_seconds),
                                  ("decode", decoded.decode_seconds)):
                 add_time(timings, key, seconds)
-            found, text = parse_output(self.tokenizer.decode(decoded.tokens), job.forced)
+            found, text = parse_output(self.tokenizer.decode(decoded.tokens), recording.forced)
             if aligner and text.strip():
                 start_align = time.perf_counter()
-                words += aligner.align_units(piece, split_units(text, found), offset, source=job.name or "<audio>")
+                words += aligner.align_units(piece, split_units(text, found), offset,
+                                             source=recording.name or "<audio>")
                 add_time(timings, "align", time.perf_counter() - start_align)
             texts.append(text)
             languages.append(found)
             tokens += decoded.tokens
             truncated |= not decoded.stopped
-        duration = len(job.wave) / SAMPLE_RATE
-        timings["total"] = time.perf_counter() - job.start
+        duration = len(recording.wave) / SAMPLE_RATE
+        timings["total"] = time.perf_counter() - recording.start
         timings["rtf"] = timings["total"] / duration
         return Transcript(text="".join(texts), language=merge_languages(languages), token_ids=tokens,
-                          audio=job.name, duration=duration, words=words if aligner else None, timings=timings,
+                          audio=recording.name, duration=duration, words=words if aligner else None, timings=timings,
                           truncated=truncated)
 
     def stream(self, language: str | None = None, context: str = "", chunk_seconds: float = 2.0,
@@ -186,157 +185,12 @@ class Transcriber(LoadedModel):
                       unfixed_chunks=unfixed_chunks, unfixed_tokens=unfixed_tokens,
                       max_new_tokens=max_new_tokens, segment_seconds=segment_seconds)
 
-    def _finish_or_fail(self, job: _Job, aligner: Aligner | None) -> Transcript | QasrError:
-        try:
-            return self._finish(job, aligner)
-        except QasrError as exc:
-            return exc
-
-
-class Batcher:
-    """Keeps one BatchDecoder full, for `transcribe_many` and the server: from whole recordings,
-    and from streams' steps.
-
-    A recording is opened (read, cut into parts) by `open`; its parts are encoded and join the
-    engine as rows free up; when its last part ends it is finished (parsed, aligned, joined) at
-    once, so a short request beside long ones is answered as soon as it is done. A stream's steps
-    (`open_steps`) join the engine one at a time, each as the one before it ends, so streams and
-    recordings whose steps coincide share them. One thread drives a Batcher (the backend is not
-    thread-safe); the server adds work between steps.
-    """
-
-    def __init__(self, model: Transcriber, max_batch: int):
-        self.model = model
-        self.engine = model.engine
-        self.engine.max_batch = max_batch
-        self.parts: deque[tuple[_Job, int]] = deque()  # parts of opened recordings not yet in the engine
-        self.owners: dict[int, tuple[_Job | _Steps, int, Sequence]] = {}  # id(sequence) -> its work, part, itself
-        self.jobs: list[_Job | _Steps] = []  # opened and not yet finished
-
-    @property
-    def idle(self) -> bool:
-        return not self.jobs
-
-    def open(self, audio, language: str | None = None, context: str = "", max_new_tokens: int | None = None,
-             sample_rate: int | None = None, aligner: Aligner | None = None,
-             on_token: Callable[[int], None] | None = None, gone: Callable[[], bool] | None = None) -> _Job:
-        """Take a recording (`transcribe`'s options); `gone()` true drops it between steps."""
-        job = self.model._open_or_fail(audio, language, sample_rate, aligner)
-        job.context, job.max_new_tokens, job.aligner, job.on_token, job.gone = (
-            context, max_new_tokens, aligner, on_token, gone)
-        self.parts.extend((job, index) for index in range(len(job.parts)))
-        self.jobs.append(job)
-        return job
-
-    def open_steps(self, steps: Generator[Sequence, None, object], gone: Callable[[], bool] | None = None) -> _Steps:
-        """Take work that yields decoder requests one at a time (Stream.feed_steps or finish_steps);
-        its `result` is what the work returns, or the error it raised."""
-        job = _Steps(steps, gone)
-        self.jobs.append(job)
-        self._advance(job)
-        return job
-
-    def fill(self) -> bool:
-        """Encode waiting parts into free rows; whether a row is still free (room for another recording)."""
-        while self.engine.active < self.engine.max_batch and self.parts:
-            job, index = self.parts.popleft()
-            if job.error:
-                continue
-            try:
-                sequence = self.model._sequence(job, index, job.context, job.max_new_tokens)
-            except QasrError as exc:
-                job.error = exc
-                continue
-            sequence.on_token = job.on_token
-            self.owners[id(sequence)] = job, index, sequence
-            job.running += 1
-            self.engine.add(sequence)
-        return self.engine.active < self.engine.max_batch
-
-    def step(self) -> list[_Job | _Steps]:
-        """Fill free rows, drop work whose client left, one decode step; the work finished here,
-        each with its `result` (a Transcript, a stream's events, or the error it met)."""
-        self.fill()
-        for job, _, sequence in list(self.owners.values()):
-            if job.gone and job.gone():
-                self._retire(self.engine.cancel(sequence, QasrError("the client went away")))
-        for sequence in self.engine.step():
-            self._retire(sequence)
-        done = [job for job in self.jobs if job.complete]
-        for job in done:
-            self.jobs.remove(job)
-            if isinstance(job, _Job):
-                job.result = job.error or self.model._finish_or_fail(job, job.aligner)
-        return done
-
-    def _retire(self, sequence: Sequence) -> None:
-        job, index, _ = self.owners.pop(id(sequence))
-        if isinstance(job, _Steps):
-            self._advance(job)
-            return
-        job.running -= 1
-        job.error = job.error or sequence.error
-        job.decoded[index] = sequence.result
-
-    def _advance(self, job: _Steps) -> None:
-        """Resume the work (its last request is decoded) up to its next request, or its end."""
-        try:
-            sequence = next(job.steps)
-        except StopIteration as stop:
-            job.result, job.complete = stop.value, True
-            return
-        except QasrError as exc:
-            job.result, job.complete = exc, True
-            return
-        self.owners[id(sequence)] = job, -1, sequence
-        self.engine.add(sequence)
-
-
-@dataclass
-class _Steps:
-    """A stream's steps on their way through the batch."""
-
-    steps: Generator[Sequence, None, object]
-    gone: Callable[[], bool] | None = None
-    result: object = None
-    complete: bool = False
-
-
-_END = object()
-
-
-@dataclass
-class _Job:
-    """One recording on its way through: its parts, and what decoding them has given so far."""
-
-    audio: object
-    name: str | None
-    wave: np.ndarray
-    forced: str | None
-    start: float
-    error: QasrError | None = None
-    parts: list[tuple[np.ndarray, float]] = field(default_factory=list)
-    decoded: list[Decoded | None] = field(default_factory=list)
-    timings: dict = field(default_factory=dict)
-    running: int = 0  # parts in the engine
-    context: str = ""
-    max_new_tokens: int | None = None
-    aligner: Aligner | None = None
-    on_token: Callable[[int], None] | None = None
-    gone: Callable[[], bool] | None = None
-    result: Transcript | QasrError | None = None  # once finished
-
-    @property
-    def complete(self) -> bool:
-        return not self.running and (self.error is not None or all(d is not None for d in self.decoded))
 
 
 class _Progress:
     """A progress bar over the token budget that shows the end of the text written so far."""
 
     def __init__(self, tokenizer: Tokenizer, budget: int, on_token: Callable[[int], None] | None = None):
-        from tqdm import tqdm
-
         self.on_token = on_token
         self.bar = tqdm(total=budget, unit="tok", desc="decoding", leave=False)
         self.text = IncrementalDecoder(tokenizer)

@@ -24,8 +24,10 @@ import numpy as np
 
 from qasr.errors import UsageError
 from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path
-from qasr.runtime.decode import Decoded, greedy_decode, token_budget
+from qasr.runtime.batch import greedy_decode
+from qasr.runtime.decode import Decoded, token_budget
 from qasr.runtime.prompt import parse_output, prompt_ids
+from qasr.runtime.resolve import export_reference
 from qasr.runtime.transcribe import MAX_SECONDS, Transcriber
 
 # Lossier last; a stage is judged by the lossiest format among its graphs and the engines running them.
@@ -195,12 +197,7 @@ def _reference_bundle(path: str, scratch: Path) -> str:
     export extra)."""
     if not (Path(path) / "config.json").is_file() or (Path(path) / "manifest.json").is_file():
         return path
-    try:
-        from qasr.export.onnx_export import export_bundle
-    except ImportError:
-        raise UsageError(f"{path}: a checkpoint reference is exported first, which needs torch: "
-                         'pip install "qwen3-asr-edge[export]" (or give an fp32 bundle)') from None
-    return str(export_bundle(path, scratch / "fp32", progress=lambda line: None))
+    return str(export_reference(Path(path), scratch / "fp32"))
 
 
 def stage_precisions(model: Transcriber) -> dict[str, str]:

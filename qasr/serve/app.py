@@ -6,27 +6,29 @@ its traceback and answered with a one-line 500, never the traceback itself.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import time
+from contextlib import asynccontextmanager
 from importlib.resources import files
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from qasr.memory import status_kb
 from qasr.serve import openai_api
+from qasr.serve.auth import check_key, offered_key
 from qasr.serve.openai_api import ApiError
+from qasr.serve.realtime import serve_session
 from qasr.serve.service import Service
 
 log = logging.getLogger("qasr.serve")
 STATIC = files("qasr.serve") / "static"
 ROUTES = ("/v1/audio/transcriptions", "/v1/models", "/v1/realtime", "/health", "/metrics", "/info", "/")
-DEVICES = {"onnxruntime": "CPU", "onnxruntime-cuda": "CUDA GPU", "tensorrt": "CUDA GPU (TensorRT)"}
 
 
 def create_app(service: Service) -> FastAPI:
@@ -37,8 +39,6 @@ def create_app(service: Service) -> FastAPI:
     _routes(app, service)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     if service.options.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(CORSMiddleware, allow_origins=service.options.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(UploadLimit, limit=int(service.options.max_upload_mb * 1024 * 1024))
@@ -47,8 +47,6 @@ def create_app(service: Service) -> FastAPI:
 
 
 def _lifespan(service: Service):
-    from contextlib import asynccontextmanager
-
     @asynccontextmanager
     async def lifespan(app):
         if service.state == "loading":
@@ -59,30 +57,15 @@ def _lifespan(service: Service):
     return lifespan
 
 
-def check_key(service: Service, given: str | None) -> None:
-    """Constant-time comparison of the client's key with --api-key (when one is set)."""
-    key = service.options.api_key
-    if not key:
-        return
-    if not given or not hmac.compare_digest(given.encode(), key.encode()):
-        raise ApiError(401, "missing or wrong API key: send it as 'Authorization: Bearer KEY'",
-                       code="invalid_api_key")
-
-
-def bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    return header[7:].strip() if header[:7].lower() == "bearer " else None
-
-
 def _routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(request: Request):
-        check_key(service, bearer(request))
+        check_key(service.options.api_key, offered_key(request.headers))
         return await openai_api.transcriptions(request, service)
 
     @app.get("/v1/models")
     async def models(request: Request):
-        check_key(service, bearer(request))
+        check_key(service.options.api_key, offered_key(request.headers))
         return openai_api.models(service)
 
     @app.get("/health")
@@ -94,13 +77,13 @@ def _routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        check_key(service, bearer(request))
+        check_key(service.options.api_key, offered_key(request.headers))
         data, media = service.metrics.render()
         return Response(data, media_type=media)
 
     @app.get("/info")
     async def info(request: Request):
-        check_key(service, bearer(request))
+        check_key(service.options.api_key, offered_key(request.headers))
         return describe(service)
 
     @app.get("/")
@@ -109,19 +92,17 @@ def _routes(app: FastAPI, service: Service) -> None:
 
     @app.websocket("/v1/realtime")
     async def realtime(websocket: WebSocket):
-        from qasr.serve.realtime import serve_session
-
         await serve_session(websocket, service)
 
 
 def describe(service: Service) -> dict:
     """What the page's side panel shows: model, languages, backend, device, threads, memory."""
     model = service.model
-    backend = model.backend.name if model else None
     return {
         "model": service.model_id, "state": service.state, "languages": model.languages if model else [],
-        "aligner": service.options.aligner if service.aligner else None, "backend": backend,
-        "device": DEVICES.get(backend or "", backend), "threads": service.options.threads or os.cpu_count(),
+        "aligner": service.options.aligner if service.aligner else None, "backend": model.backend.name if model else None,
+        "device": model.backend.device_label if model else None,
+        "threads": service.options.threads or os.cpu_count(),
         "memory_mb": _resident_mb(), "max_upload_mb": service.options.max_upload_mb,
         "max_queue": service.options.max_queue, "key_required": bool(service.options.api_key),
     }

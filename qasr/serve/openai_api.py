@@ -19,12 +19,15 @@ from starlette.datastructures import UploadFile
 
 from qasr.errors import QasrError, UsageError
 from qasr.runtime.audio import SAMPLE_RATE, load_audio
-from qasr.runtime.formats import render, subtitle_segments
-from qasr.runtime.prompt import ASR_TEXT, asr_prompt, check_language, may_be_metadata
+from qasr.runtime.formats import FORMATS, render, subtitle_segments
+from qasr.runtime.options import TranscribeOptions
+from qasr.runtime.prompt import asr_prompt, check_language, partial_text
 from qasr.runtime.tokenizer import IncrementalDecoder
 from qasr.serve.service import Busy, Disconnected, Service
 
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+# OpenAI's response formats: its two JSON shapes, and each of our formats it names ("text": txt).
+PLAIN = {f.openai: f for f in FORMATS.values() if f.openai}
+RESPONSE_FORMATS = ("json", *PLAIN, "verbose_json")
 # ISO-639-1 codes (as OpenAI takes them) of the model languages; Cantonese and Filipino have
 # none of their own, so their ISO-639-3 codes (and Tagalog's tl) are taken too.
 ISO_639 = {
@@ -70,7 +73,7 @@ class Job:
 
     @property
     def needs_aligner(self) -> bool:
-        return self.words or self.response_format in ("srt", "vtt")
+        return self.words or (self.response_format in PLAIN and PLAIN[self.response_format].needs_words)
 
 
 def language_name(value: str, supported: list[str]) -> str:
@@ -144,9 +147,10 @@ async def transcribe_upload(service: Service, req: Job, request: Request, on_tok
 
     Returns (transcript, facts, seconds queued); `stop` receives the queued Work (a stream cancels it)."""
     wave, facts, decoded = await asyncio.to_thread(read_upload, req)
-    work = service.transcription(wave, on_token, language=req.language, context=req.context,
-                                 max_new_tokens=service.options.max_new_tokens, sample_rate=SAMPLE_RATE,
-                                 aligner=service.aligner if req.needs_aligner else None)
+    options = TranscribeOptions(language=req.language, context=req.context, sample_rate=SAMPLE_RATE,
+                                max_new_tokens=service.options.max_new_tokens,
+                                aligner=service.aligner if req.needs_aligner else None)
+    work = service.transcription(wave, options, on_token)
     if stop:
         stop(work)
     result = await service.wait(work, request.is_disconnected)
@@ -176,7 +180,7 @@ def verbose_json(result, facts: dict) -> dict:
 def extension(result, facts: dict) -> dict:
     """What the done event adds to OpenAI's fields (clients ignore it; the page shows it): the audio's
     facts, timings, and the transcript in every format `qasr transcribe` writes."""
-    names = ("txt", "json", "srt", "vtt") if result.words is not None else ("txt", "json")
+    names = [f.name for f in FORMATS.values() if result.words is not None or not f.needs_words]
     return {"language": result.language, "duration": result.duration, "audio": facts, "timings": result.timings,
             "truncated": result.truncated, "files": {name: render(result, name) for name in names}}
 
@@ -187,8 +191,7 @@ def respond(req: Job, result, facts: dict) -> Response:
         return JSONResponse({"text": result.text, "usage": {"type": "duration", "seconds": result.duration}})
     if fmt == "verbose_json":
         return JSONResponse(verbose_json(result, facts))
-    media = {"text": "text/plain", "srt": "application/x-subrip", "vtt": "text/vtt"}[fmt]
-    return PlainTextResponse(render(result, "txt" if fmt == "text" else fmt), media_type=media)
+    return PlainTextResponse(render(result, PLAIN[fmt].name), media_type=PLAIN[fmt].media_type)
 
 
 class TextDeltas:
@@ -205,13 +208,10 @@ class TextDeltas:
 
     def push(self, token_id: int) -> str:
         self.raw += self.decoder.push(token_id)
-        if not self.plain and ASR_TEXT in self.raw:
-            visible = self.raw.split(ASR_TEXT, 1)[1].lstrip()
-        elif self.plain or not may_be_metadata(self.raw):
-            self.plain = True  # text already sent stays sent, whatever follows
-            visible = self.raw.lstrip()
-        else:
+        visible = partial_text(self.raw, self.plain)
+        if visible is None:
             return ""
+        self.plain = visible == self.raw.lstrip()  # read as plain text once, always: what was sent stays sent
         delta, self.sent = visible[self.sent:], len(visible)
         return delta
 

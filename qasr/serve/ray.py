@@ -19,12 +19,19 @@ import dataclasses
 import logging
 import os
 import re
+import signal
+import socket
+import threading
 
+import ray
 from ray import serve
+from ray.serve._private import replica
+from starlette.middleware import Middleware
 
-from qasr.errors import UsageError
+from qasr.errors import UsageError, first_line
 from qasr.serve.app import create_app
 from qasr.serve.openai_api import ApiError
+from qasr.serve.server import announce
 from qasr.serve.service import Options, Service
 
 log = logging.getLogger("qasr.serve")
@@ -78,8 +85,6 @@ class ReplicaLost:
 
 def proxy_middlewares() -> list:
     """RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH's target: the middleware each Serve proxy adds."""
-    from starlette.middleware import Middleware
-
     return [Middleware(ReplicaLost)]
 
 
@@ -87,9 +92,6 @@ def _bind_grpc_to_node() -> None:
     """Ray Serve (2.60) opens each replica's inter-deployment gRPC port, which this app never calls,
     on every interface ("[::]:0", after the constructor runs). Bind it on the address the node is
     registered at instead, so a node started on 127.0.0.1 listens on loopback only."""
-    import ray
-    from ray.serve._private import replica
-
     node = ray.util.get_node_ip_address()
     host = f"[{node}]" if ":" in node else node
     opened = getattr(replica, "add_port_to_grpc_server", None)
@@ -147,8 +149,6 @@ def deployment_options(options: Options, placement: Placement) -> dict:
 
 def _room_for(actor: dict) -> int:
     """How many replicas the connected cluster's resources hold (at least 1): --replicas auto's ceiling."""
-    import ray
-
     total = ray.cluster_resources()
     fits = [total.get("CPU", 0) / actor["num_cpus"]]
     if actor["num_gpus"]:
@@ -199,19 +199,12 @@ def _typed(field: dataclasses.Field, value):
 def run(options: Options, placement: Placement, address: str, host: str, port: int) -> int:
     """Deploy onto the running cluster at `address`, serve on host:port until SIGINT/SIGTERM, then
     delete the application (each replica drains for --drain-seconds). 1 when it could not deploy."""
-    import signal
-    import threading
-
-    import ray
-
-    from qasr.serve.server import announce
-
     announce(options, host)
     _check_listening(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UsageError(f"cannot connect to the Ray cluster at {address}: {_first_line(exc)}") from None
+        raise UsageError(f"cannot connect to the Ray cluster at {address}: {first_line(exc)}") from None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -243,8 +236,6 @@ def _remove() -> None:
 
 def _check_listening(address: str) -> None:
     """A host:port where nothing listens is one line now (Ray itself would retry for minutes)."""
-    import socket
-
     found = re.fullmatch(r"([\w.\-]+|\[[0-9a-fA-F:]+\]):(\d+)", address)
     if not found:
         return  # auto, ray://..., or another form Ray resolves itself
@@ -254,9 +245,6 @@ def _check_listening(address: str) -> None:
         raise UsageError(f"nothing answers at {address} ({exc.strerror or exc}): start the cluster with "
                          "`ray start --head`, or give --ray auto on one of its nodes") from None
 
-
-def _first_line(exc: Exception) -> str:
-    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _deployment_message() -> str:

@@ -19,19 +19,20 @@ import binascii
 import json
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
 from qasr.errors import QasrError, UsageError
+from qasr.runtime.pauses import TurnDetector
 from qasr.runtime.prompt import asr_prompt
-from qasr.serve.openai_api import language_name
+from qasr.serve.auth import check_key, offered_key
+from qasr.serve.openai_api import ApiError, language_name
 from qasr.serve.service import Service
 
 RATES = (16000, 24000)
-KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers pass a key (they cannot set headers on a WebSocket)
 
 
 def _id(prefix: str) -> str:
@@ -91,47 +92,13 @@ class Item:
         return ""
 
 
-@dataclass
-class PauseDetector:
-    """Speech and pauses by 20 ms frame energy: speech above a level set by `threshold` (0-1, as
-    OpenAI's: -60 dBFS at 0 to -20 dBFS at 1), a turn over after `silence_duration_ms` of quiet."""
-
-    rate: int
-    threshold: float = 0.5
-    silence_ms: int = 500
-    speaking: bool = False
-    quiet_ms: int = 0
-    heard_ms: int = 0
-    pending: np.ndarray = field(default_factory=lambda: np.empty(0, np.float32))
-
-    def push(self, samples: np.ndarray) -> list[str]:
-        """'start' / 'stop' for each change in these samples."""
-        frame = self.rate // 50
-        self.pending = np.concatenate([self.pending, samples])
-        level = 10 ** ((-60 + 40 * self.threshold) / 20)
-        changes = []
-        while len(self.pending) >= frame:
-            block, self.pending = self.pending[:frame], self.pending[frame:]
-            loud = float(np.sqrt(np.mean(block * block))) > level
-            self.heard_ms += 20
-            if loud and not self.speaking:
-                self.speaking, self.quiet_ms = True, 0
-                changes.append("start")
-            elif self.speaking:
-                self.quiet_ms = 0 if loud else self.quiet_ms + 20
-                if self.quiet_ms >= self.silence_ms:
-                    self.speaking = False
-                    changes.append("stop")
-        return changes
-
-
 class Session:
     def __init__(self, websocket: WebSocket, service: Service):
         self.ws, self.service = websocket, service
         self.config = Config()
         self.item: Item | None = None
         self.previous_item: str | None = None
-        self.vad: PauseDetector | None = None
+        self.vad: TurnDetector | None = None
 
     async def send(self, event: dict) -> None:
         await self.ws.send_text(json.dumps({"event_id": _id("event"), **event}, ensure_ascii=False))
@@ -235,7 +202,7 @@ class Session:
         """server_vad: speech starts a turn, a long enough pause ends (commits) it."""
         if self.vad is None:
             vad = self.config.vad or {}
-            self.vad = PauseDetector(self.config.rate, float(vad.get("threshold") or 0.5),
+            self.vad = TurnDetector(self.config.rate, float(vad.get("threshold") or 0.5),
                                      int(vad.get("silence_duration_ms") or 500))
         for change in self.vad.push(samples):
             if change == "start":
@@ -286,23 +253,9 @@ class Session:
                          "usage": {"type": "duration", "seconds": round(item.seconds, 3)}})
 
 
-def offered_key(websocket: WebSocket) -> str | None:
-    """The key from 'Authorization: Bearer' (SDKs) or the openai-insecure-api-key subprotocol (browsers)."""
-    header = websocket.headers.get("authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    for protocol in websocket.scope.get("subprotocols", []):
-        if protocol.startswith(KEY_PROTOCOL):
-            return protocol[len(KEY_PROTOCOL):]
-    return None
-
-
 async def serve_session(websocket: WebSocket, service: Service) -> None:
-    from qasr.serve.app import check_key
-    from qasr.serve.openai_api import ApiError
-
     try:
-        check_key(service, offered_key(websocket))
+        check_key(service.options.api_key, offered_key(websocket.headers, websocket.scope.get("subprotocols", [])))
     except ApiError:
         await websocket.close(code=1008, reason="missing or wrong API key")
         return

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
+import uvicorn
+
+from qasr.serve.app import create_app
 from qasr.serve.service import Options, Service
 
 log = logging.getLogger("qasr.serve")
@@ -21,10 +24,6 @@ def announce(options: Options, host: str) -> None:
 
 def serve(options: Options, host: str = "127.0.0.1", port: int = 8000) -> int:
     """Serve until SIGINT/SIGTERM; in-flight requests get --drain-seconds to finish. 1 when loading failed."""
-    import uvicorn
-
-    from qasr.serve.app import create_app
-
     announce(options, host)
     service = Service(options)
     config = uvicorn.Config(create_app(service), host=host, port=port, access_log=False, log_level="warning",

@@ -23,16 +23,16 @@ from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from qasr.errors import QasrError
+from qasr.runtime.align import Aligner
 from qasr.runtime.audio import SAMPLE_RATE
-
-if TYPE_CHECKING:
-    from qasr.runtime.align import Aligner
-    from qasr.runtime.transcribe import Transcriber
+from qasr.runtime.batcher import Batcher
+from qasr.runtime.options import TranscribeOptions
+from qasr.runtime.transcribe import Transcriber
 
 log = logging.getLogger("qasr.serve")
 STAGES = ("queue", "audio", "frontend", "encoder", "setup", "prefill", "decode", "align", "total")
@@ -74,8 +74,6 @@ class Metrics:
     """Prometheus series of one server (its own registry, so two servers in a process never mix)."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         self.registry = CollectorRegistry()
         self.requests = Counter("qasr_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
@@ -102,20 +100,18 @@ class Metrics:
                 self.stage_seconds.labels(stage).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 @dataclass
 class Work:
-    """A request for the worker: a transcription (`audio` and Batcher.open's `options`) or, with
+    """A request for the worker: a transcription (`audio` and its `options`) or, with
     `steps`, a stream's steps (Stream.feed_steps / finish_steps). `state` moves queued -> running
     or dropped under `lock`, so a client that leaves is either dropped unstarted or cancelled
     between steps, never both."""
 
     audio: object = None
-    options: dict = field(default_factory=dict)
+    options: TranscribeOptions = field(default_factory=TranscribeOptions)
     on_token: Callable[[int], None] | None = None
     steps: Generator | None = None
     future: Future = field(default_factory=Future)
@@ -146,8 +142,6 @@ class Worker:
     """The one thread that drives the backend: a continuous batch of transcriptions and streams' steps."""
 
     def __init__(self, model: Transcriber, max_batch: int, metrics: Metrics):
-        from qasr.runtime.transcribe import Batcher
-
         self.inbox: queue.SimpleQueue[Work] = queue.SimpleQueue()
         self.model, self.max_batch, self.metrics = model, max_batch, metrics
         self.batcher = Batcher(model, max_batch)
@@ -178,7 +172,7 @@ class Worker:
             if work.steps is not None:
                 job = self.batcher.open_steps(work.steps, gone=gone)
             else:
-                job = self.batcher.open(work.audio, on_token=work.on_token, gone=gone, **work.options)
+                job = self.batcher.open(work.audio, work.options, on_token=work.on_token, gone=gone)
             self.waiting[id(job)] = work
 
     def _step(self) -> None:
@@ -228,9 +222,6 @@ class Service:
         threading.Thread(target=self._load, name="qasr-load", daemon=True).start()
 
     def _load(self) -> None:
-        from qasr.runtime.align import Aligner
-        from qasr.runtime.transcribe import Transcriber
-
         o = self.options
         started = time.perf_counter()
         try:
@@ -280,8 +271,9 @@ class Service:
         self.admitted -= 1
         self.metrics.queue_depth.set(self.admitted)
 
-    def transcription(self, audio, on_token: Callable[[int], None] | None = None, **options) -> Work:
-        """Queue a recording for the batch (Batcher.open's options); `wait` for its Transcript."""
+    def transcription(self, audio, options: TranscribeOptions,
+                      on_token: Callable[[int], None] | None = None) -> Work:
+        """Queue a recording for the batch; `wait` for its Transcript."""
         return self.worker.submit(Work(audio, options, on_token))
 
     async def stream(self, steps: Generator, gone=None):

@@ -223,7 +223,7 @@ async function startRecording() {
   try {
     // The raw microphone, as an uploaded file reaches the model: the browser's call processing
     // (echo cancellation, noise suppression, automatic gain) is on by default and reshapes the
-    // waveform: in tests/test_page.py its gain lifted speech 1.6x, clipped it and cut the received
+    // waveform: in tests/server/test_page.py its gain lifted speech 1.6x, clipped it and cut the received
     // PCM's match to the file from 0.98 to 0.71, and the demo model misheard the altered words.
     mic.stream = await navigator.mediaDevices.getUserMedia({ audio: {
       channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false } });

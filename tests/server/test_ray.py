@@ -33,16 +33,15 @@ from qasr.errors import UsageError  # noqa: E402
 from qasr.runtime.transcribe import Transcriber  # noqa: E402
 from qasr.serve.ray import Placement, builder_options, deployment_options  # noqa: E402
 from qasr.serve.service import Options  # noqa: E402
-from serving import cli_text, free_port, realtime_transcript  # noqa: E402
+from support import DATA, cli_text, free_port, realtime_transcript, spawn  # noqa: E402
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 EN, ZH = str(DATA / "en_16k_s16.wav"), str(DATA / "zh_16k_f32_loud.wav")
 TOKENS = 12
 
 
 def started(argv: list, env: dict, log) -> subprocess.Popen:
     """A process in a session of its own, so teardown can find exactly what it spawned."""
-    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return spawn(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def session_pids(leader: subprocess.Popen) -> list[int]:

@@ -23,20 +23,20 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from qasr.errors import BundleError, EngineError, UsageError
+from qasr.errors import BundleError, EngineError, UsageError, first_line
 from qasr.jsonfile import read_json
-from qasr.runtime.backend import PRECISIONS
+from qasr.progress import Progress
+from qasr.runtime.backends.cuda import Cuda, row_copy
+from qasr.runtime.backends.interface import PRECISIONS, Backend
+from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
 from qasr.runtime.bundle import DERIVED_RECORD, ENGINES, Bundle, cache_names, derived_dir, derived_is_current
-from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from qasr.runtime.resolve import locked
-from qasr.runtime.cuda import Cuda, row_copy
+from qasr.runtime.resolve import derive_graphs
 
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 # A graph's float type -> the element type ORT allocates and binds (numpy's, or ONNX's number for
@@ -74,31 +74,6 @@ def gpu_precision(bundle: Bundle, precision: str) -> str:
     return GPU_AUTO if derivable else "fp32"
 
 
-def ensure_derived(bundle: Bundle, precision: str, progress: Callable[[str], None]) -> None:
-    """Derive BUNDLE/derived/<precision> once, on first use, as the first-use export does.
-
-    The derivation rewrites the fp32 graphs with onnx (the gpu extra installs it); where that is
-    missing, one line says how to get the graphs."""
-    if derived_is_current(bundle, precision):
-        return
-    try:
-        from qasr.export.precision import derive_bundle
-    except ImportError:
-        raise EngineError(f"{bundle.path}: {precision} graphs are derived from the fp32 ones with onnx: "
-                          'pip install "qwen3-asr-edge[gpu]", or derive them elsewhere with '
-                          f"`qasr build {bundle.path} --precision {precision} --graphs-only`") from None
-    out = derived_dir(bundle, precision)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with locked(out.parent / f".{precision}.lock", progress, f"another process is deriving {out}"):
-            if not derived_is_current(bundle, precision):
-                progress(f"first use of {precision} on the GPU: deriving its graphs into {out}; once")
-                derive_bundle(bundle, precision, progress=lambda line: None)
-    except PermissionError:
-        raise EngineError(f"{bundle.path}: not writable, so its {precision} graphs cannot be derived here; "
-                          f"run `qasr build {bundle.path} --precision {precision} --graphs-only` where it is") from None
-
-
 @functools.cache
 def quiet_onnxruntime() -> None:
     """ONNX Runtime's process-wide logger at LOG_LEVEL; its CUDA libraries found in pip's nvidia
@@ -111,7 +86,7 @@ def quiet_onnxruntime() -> None:
 
 
 class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
-    name = "onnxruntime-cuda"
+    name, device_label = "onnxruntime-cuda", "CUDA GPU"
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", provider: str = "cuda", device: str = "cuda",
                  device_id: int = 0, threads: int | None = None):
@@ -160,7 +135,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         except Exception as exc:  # ORT raises its own exception types, all with a message
             raise BundleError(f"{path}: ONNX Runtime {ort.__version__} cannot load it on "
                               f"{self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]}"
-                              f" ({str(exc).splitlines()[0]})") from None
+                              f" ({first_line(exc)})") from None
         if self.device == "cuda" and PROVIDERS["cuda"] not in session.get_providers():
             raise EngineError("onnxruntime-gpu could not start its CUDA provider (its CUDA 13 and cuDNN 9 "
                               "libraries were not found: pip install \"qwen3-asr-edge[gpu]\", or set "
@@ -299,3 +274,22 @@ class DeviceCall:
     logits: ort.OrtValue
     rows: tuple[ort.OrtValue, np.ndarray | None]
     binding: ort.IOBinding
+
+
+def usable(bundle: Bundle) -> bool:
+    """onnxruntime-gpu with its CUDA provider, cuda-python, and a visible device."""
+    if not cuda_provider_available():
+        return False
+    try:
+        Cuda()
+    except EngineError:
+        return False
+    return True
+
+
+def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
+    """The bundle's graphs at `precision` (auto: gpu_precision), derived on first use if need be."""
+    chosen = gpu_precision(bundle, precision)
+    if chosen != "fp32":
+        derive_graphs(bundle, chosen, progress)
+    return OnnxRuntimeCudaBackend(bundle, precision=chosen, threads=threads)

@@ -26,9 +26,10 @@ import numpy as np
 
 from qasr.errors import EngineError
 from qasr.jsonfile import read_json
-from qasr.runtime.backend import Backend
+from qasr.progress import Progress
+from qasr.runtime.backends.cuda import Cuda, row_copy
+from qasr.runtime.backends.interface import Backend
 from qasr.runtime.bundle import ENGINES, ENGINES_RECORD, Bundle
-from qasr.runtime.cuda import Cuda, row_copy
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -189,7 +190,7 @@ def output_allocator(cuda: Cuda) -> Any:
 
 
 class TensorRTBackend(Backend):
-    name = "tensorrt"
+    name, device_label = "tensorrt", "CUDA GPU (TensorRT)"
 
     def __init__(self, bundle: Bundle, precision: str = "auto"):
         self.bundle = bundle
@@ -402,3 +403,19 @@ class TensorRTBackend(Backend):
     def align(self, input_ids, audio_embeds):
         classes, logits = self.runners["aligner"].run({"input_ids": input_ids, "audio_embeds": audio_embeds})
         return classes, logits
+
+
+def usable(bundle: Bundle) -> bool:
+    """Engines built for this bundle, and TensorRT itself (tensorrt-stubs alone imports as an empty package)."""
+    if not (bundle.path / ENGINES / ENGINES_RECORD).is_file():
+        return False
+    try:
+        tensorrt_version()
+    except EngineError:
+        return False
+    return True
+
+
+def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
+    """The engines at their own precision (`qasr build` chose it); `threads` is the CPU's, unused here."""
+    return TensorRTBackend(bundle, precision)

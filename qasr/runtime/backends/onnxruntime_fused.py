@@ -20,8 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from qasr.errors import EngineError
-from qasr.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from qasr.errors import EngineError, UsageError
+from qasr.progress import Progress
+from qasr.runtime.backends.interface import Backend
+from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
+from qasr.runtime.bundle import Bundle
 
 MAP_NORESERVE = 0x4000  # Linux's flag (Python's mmap module names it only from 3.13)
 
@@ -143,3 +146,10 @@ class FusedCall:
     next_token: np.ndarray
     logits: np.ndarray
     binding: ort.IOBinding
+
+
+def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
+    """A fused bundle (its decoder has one cache slot per row) runs here, on the CPU provider, only."""
+    if precision not in ("auto", "fp32"):
+        raise UsageError(f"--precision {precision} is for the GPU backends; a fused bundle runs on the CPU")
+    return OnnxRuntimeFusedBackend(bundle, threads=threads)

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from selenium import webdriver  # the test extra; the browser itself may be missing: skipped below
 
 from qasr.serve.service import Options
-from serving import RunningServer, cli_text
+from support import DATA, RunningServer, cli_text
 
-DATA = Path(__file__).parent / "data"
 EN = DATA / "en_16k_s16.wav"
 TOKENS = 12
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -16,28 +16,22 @@ import httpx2 as httpx  # the HTTP client the openai SDK ships with
 from qasr.runtime.prompt import parse_output
 from qasr.runtime.tokenizer import Tokenizer
 from qasr.serve.openai_api import TextDeltas
-from qasr.serve.service import Options
-from serving import RunningServer, cli_text
+from support import DATA, cli_text, served
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 EN, DE, ZH = str(DATA / "en_16k_s16.wav"), str(DATA / "de_22k.flac"), str(DATA / "zh_16k_f32_loud.wav")
 TOKENS = 12
 
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    running = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime", max_new_tokens=TOKENS,
-                                    max_upload_mb=1))
-    yield running
-    running.stop()
+    with served(bundle, max_new_tokens=TOKENS, max_upload_mb=1) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def aligned(bundle):
-    running = RunningServer(Options(model=str(bundle("tiny-untied")), aligner=str(bundle("tiny-aligner")),
-                                    backend="onnxruntime", max_new_tokens=TOKENS, api_key="sekrit"))
-    yield running
-    running.stop()
+    with served(bundle, aligner=str(bundle("tiny-aligner")), max_new_tokens=TOKENS, api_key="sekrit") as running:
+        yield running
 
 
 def client(server, key="none") -> openai.OpenAI:
@@ -168,13 +162,9 @@ def test_unknown_routes_and_methods_get_openais_error_body(server):
 def test_no_cors_unless_an_origin_is_given(server, bundle):
     preflight = {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in httpx.options(f"{server.url}/v1/models", headers=preflight).headers
-    allowed = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime",
-                                    cors_origins=["http://elsewhere.example"]))
-    try:
+    with served(bundle, cors_origins=["http://elsewhere.example"]) as allowed:
         response = httpx.options(f"{allowed.url}/v1/models", headers=preflight)
         assert response.headers["access-control-allow-origin"] == "http://elsewhere.example"
-    finally:
-        allowed.stop()
 
 
 def test_the_key_can_come_from_the_environment(monkeypatch):

@@ -12,15 +12,13 @@ import pytest
 import openai  # the official SDK, a test dependency: the real client
 
 from qasr.runtime.transcribe import Transcriber
-from qasr.serve.service import Options
-from serving import RunningServer
+from support import served
 
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    running = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime", api_key="rt-key"))
-    yield running
-    running.stop()
+    with served(bundle, api_key="rt-key") as running:
+        yield running
 
 
 def pcm16(samples: np.ndarray) -> bytes:

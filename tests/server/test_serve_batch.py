@@ -20,10 +20,8 @@ import openai  # the official SDK, a test dependency: the real client
 import httpx2 as httpx  # the HTTP client the openai SDK ships with
 
 from qasr.cli import main
-from qasr.serve.service import Options
-from serving import Blocker, RunningServer, realtime_transcript
+from support import Blocker, DATA, realtime_transcript, served
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 FILES = [DATA / "en_16k_s16.wav", DATA / "de_22k.flac", DATA / "fr_48k.ogg", DATA / "zh_16k_f32_loud.wav"]
 TOKENS = 12
 
@@ -38,10 +36,8 @@ def cli_text(bundle, path, *options) -> str:
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    running = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime", max_new_tokens=TOKENS,
-                                    max_batch=4, max_queue=4))
-    yield running
-    running.stop()
+    with served(bundle, max_new_tokens=TOKENS, max_batch=4, max_queue=4) as running:
+        yield running
 
 
 def batch_steps(server, up_to: float | None = None) -> float:

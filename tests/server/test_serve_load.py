@@ -17,9 +17,8 @@ import openai  # the official SDK, a test dependency: the real client
 import httpx2 as httpx  # the HTTP client the openai SDK ships with
 
 from qasr.serve.service import Options, Service
-from serving import Blocker, RunningServer, free_port
+from support import Blocker, DATA, RunningServer, free_port, served, spawn
 
-DATA = __import__("pathlib").Path(__file__).parent / "data"
 EN = DATA / "en_16k_s16.wav"
 TOKENS = 12
 
@@ -41,10 +40,8 @@ def post(server, timeout=60.0):
 
 @pytest.fixture(scope="module", params=[1, 4], ids=["max-batch-1", "max-batch-4"])
 def small_queue(bundle, request):
-    running = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime", max_new_tokens=TOKENS,
-                                    max_queue=2, max_batch=request.param))
-    yield running
-    running.stop()
+    with served(bundle, max_new_tokens=TOKENS, max_queue=2, max_batch=request.param) as running:
+        yield running
 
 
 def resident_mb() -> float:
@@ -167,7 +164,7 @@ def test_sigterm_lets_the_request_in_flight_finish(bundle, speech, tmp_path):
     long_clip = tmp_path / "long.wav"
     sf.write(long_clip, speech(120), 16000)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "qasr", "serve", "--model", str(bundle("tiny-untied")),
+    proc = spawn([sys.executable, "-m", "qasr", "serve", "--model", str(bundle("tiny-untied")),
                              "--backend", "onnxruntime", "--port", str(port), "--drain-seconds", "60"],
                             stderr=subprocess.PIPE, text=True, env=_env())
     url = f"http://127.0.0.1:{port}"

@@ -17,14 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from qasr.errors import BundleError, EngineError
-from qasr.runtime.backend import Backend
+from qasr.errors import BundleError, EngineError, UsageError, first_line
+from qasr.progress import Progress
+from qasr.runtime.backends.interface import Backend
+from qasr.runtime.backends.prepack import prepacked_graph
 from qasr.runtime.bundle import Bundle, cache_names
-from qasr.runtime.prepack import prepacked_graph
 
 
 def session_options(threads: int | None, optimize: bool = True) -> ort.SessionOptions:
-    """`optimize=False` for prepacked copies (qasr.runtime.prepack), which are optimised already."""
+    """`optimize=False` for prepacked copies (qasr.runtime.backends.prepack), which are optimised already."""
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -55,7 +56,7 @@ class Sessions:
 
 
 class OnnxRuntimeBackend(Backend):
-    name = "onnxruntime"
+    name, device_label = "onnxruntime", "CPU"
 
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list | None = None):
         self.bundle = bundle
@@ -78,7 +79,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             return ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types, all with a message
-            raise BundleError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+            raise BundleError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
 
     def encode(self, mel, frames, conv_frames):
         return self.sessions["encoder"].run(None, {"mel": mel, "frames": frames, "conv_frames": conv_frames})[0]
@@ -180,3 +181,16 @@ class Call:
     logits: np.ndarray
     rows: np.ndarray
     binding: ort.IOBinding
+
+
+def usable(bundle: Bundle) -> bool:
+    """The CPU provider is in every onnxruntime wheel: the last choice of `auto`, always there."""
+    return True
+
+
+def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
+    """The bundle's own graphs; a GPU compute type is refused here rather than silently ignored."""
+    if precision not in ("auto", "fp32"):
+        raise UsageError(f"--precision {precision} is for the GPU backends (onnxruntime-cuda, tensorrt); on the "
+                         "CPU, smaller weights come from `qasr export --weights int8|int4`")
+    return OnnxRuntimeBackend(bundle, threads=threads)

@@ -22,13 +22,10 @@ import onnxruntime as ort
 
 from qasr.cpu import cpu_info
 from qasr.jsonfile import read_record
-from qasr.runtime.bundle import Bundle, staged
-
-PREPACKED = "prepacked"
-RECORD = "prepacked.json"
+from qasr.runtime.bundle import PREPACKED, PREPACKED_RECORD, Bundle, staged
 
 
-def machine() -> dict[str, str]:
+def packing_key() -> dict[str, str]:
     """What the packed layout depends on: ONNX Runtime's version and the CPU's model and features."""
     cpu, flags = cpu_info()
     return {"onnxruntime": ort.__version__, "cpu": cpu,
@@ -38,10 +35,10 @@ def machine() -> dict[str, str]:
 def prepacked_graph(bundle: Bundle, name: str) -> Path | None:
     """The prepacked copy of graph `name`, when one was made on this kind of machine for this bundle."""
     folder = bundle.path / PREPACKED
-    record = read_record(folder / RECORD)
+    record = read_record(folder / PREPACKED_RECORD)
     if record is None:
         return None
-    current = record.get("machine") == machine() and record.get("source_sha256") == _bundle_key(bundle)
+    current = record.get("machine") == packing_key() and record.get("source_sha256") == _bundle_key(bundle)
     path = folder / bundle.manifest["graphs"][name]["file"]
     return path if current and name in record.get("graphs", []) and path.is_file() else None
 
@@ -62,8 +59,8 @@ def write_prepacked(bundle: Bundle, options: Callable[[], ort.SessionOptions],
                 settings.add_session_config_entry(key, value)
             settings.log_severity_level = 3  # its warning that the copy is for this machine: we know
             ort.InferenceSession(str(bundle.graph_path(name)), settings, providers=["CPUExecutionProvider"])
-        record = {"machine": machine(), "source_sha256": _bundle_key(bundle), "graphs": list(bundle.manifest["graphs"])}
-        (staging / RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        record = {"machine": packing_key(), "source_sha256": _bundle_key(bundle), "graphs": list(bundle.manifest["graphs"])}
+        (staging / PREPACKED_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return out
 
 
