@@ -210,9 +210,10 @@ def served(bundle, **options):
 
 
 def spawn(argv: list, **popen) -> subprocess.Popen:
-    """A child process whose SIGINT and SIGTERM act as from a shell, whatever earlier tests did to
-    this process: an ignored signal, or one blocked in this thread, passes to the children it
-    starts, and a test that interrupts a child would then wait forever for an exit that never comes."""
+    """A child process whose SIGINT and SIGTERM act as from a terminal, however the test run was
+    started: a run in the background (`nohup pytest &`) ignores SIGINT, an ignored or blocked signal
+    passes to the children it starts, and a test that interrupts a child would then wait forever
+    for an exit that never comes."""
     def default_signals() -> None:
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, signal.SIG_DFL)
