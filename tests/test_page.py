@@ -161,9 +161,9 @@ def sentence(held_out, demo_bundle, tmp_path_factory):
     from qasr.runtime.audio import load_audio
 
     folder = tmp_path_factory.mktemp("sentence")
-    for path, language, text in held_out(6):
+    for index, (path, language, text) in enumerate(held_out(6)):
         speech = load_audio(path)
-        wav = folder / Path(path).name
+        wav = folder / f"{index}.wav"
         sf.write(wav, with_quiet(speech, LEAD, TAIL), 16000, subtype="PCM_16")
         if language == "English" and cli_text("transcribe", wav, "--model", demo_bundle) == text + "\n":
             return wav, speech, text
