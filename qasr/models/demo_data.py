@@ -104,8 +104,20 @@ def mandarin_words(count: int) -> list[str]:
 
 def sentence(words: list[str], lang: str, rng: random.Random, low: int = 2, high: int = 4) -> str:
     """low..high random words: space-separated English, unspaced Mandarin."""
-    picked = [rng.choice(words) for _ in range(rng.randint(low, high))]
-    return ("" if lang == "zh" else " ").join(picked)
+    return join([rng.choice(words) for _ in range(rng.randint(low, high))], lang)
+
+
+def join(parts: list[str], lang: str) -> str:
+    """Words or sentences as one text: space-separated English, unspaced Mandarin."""
+    return ("" if lang == "zh" else " ").join(parts)
+
+
+def with_quiet(speech: np.ndarray, before: float, after: float, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """16 kHz `speech` with `before` and `after` seconds of quiet around it: zeros, or white noise
+    of rms `noise` (seeded). A microphone hears such margins around every sentence."""
+    rng = np.random.default_rng(seed)
+    quiet = [(rng.standard_normal(round(16000 * s)) * noise).astype(np.float32) for s in (before, after)]
+    return np.concatenate([quiet[0], speech.astype(np.float32), quiet[1]])
 
 
 def target(text: str, lang: str) -> str:

@@ -3,12 +3,14 @@
 A fake microphone plays a WAV file (Chromium's --use-file-for-fake-audio-capture), so the
 recording path runs end to end: getUserMedia, the AudioWorklet, pcm16 over /v1/realtime.
 
-With the demo model (models/qwen3-asr-demo) a held-out sentence goes through the microphone. The
-fake device loops its file back to back, and that model, trained on single trimmed 1-4 s clips,
-writes nonsense for a sentence heard twice or followed by even 0.1 s more silence (the official
-package loading it writes the same nonsense), so the page's own text for a loop is no measure.
-The test checks instead that the PCM the server received is the file, at the file's level, and
-that one loop of it, cut where it matches the file best, gives the CLI's text of the file.
+With the demo model (models/qwen3-asr-demo) the microphone says a held-out sentence, with 1.5 s
+of silence before it and 1 s after, once (the file name's `%noloop` suffix; by default Chromium
+loops the file back to back). The page's transcript must be the sentence, word for word, which
+is what `qasr transcribe` writes for the same file; the PCM the server received must contain the
+sentence at the file's level (no gain from the browser's voice processing) and nothing after it.
+The demo model was fine-tuned on clips with such margins (docs/demo-model.md, "Silence and
+repeats"); the recording's length varies with the machine's speed, so the test waits on the
+samples the server has received, never on time.
 """
 
 from __future__ import annotations
@@ -144,20 +146,33 @@ def test_the_microphone_text_updates_while_it_talks(server, browser):
     assert console_errors(browser) == []
 
 
+LEAD, TAIL = 1.5, 1.0  # seconds of zeros around the sentence in the microphone's file
+
+
 @pytest.fixture(scope="module")
-def sentence(held_out, demo_bundle):
-    """(wav, text): the first held-out English clip that the CLI transcribes exactly."""
-    for path, language, text in held_out(6):
-        if language == "English" and cli_text("transcribe", path, "--model", demo_bundle) == text + "\n":
-            return path, text
-    pytest.fail("the demo model transcribes none of the held-out English clips exactly")
+def sentence(held_out, demo_bundle, tmp_path_factory):
+    """(wav, speech, text): the first held-out English sentence, with LEAD and TAIL seconds of zeros
+    around it, that the CLI transcribes exactly; `speech` is the sentence without the margins."""
+    import soundfile as sf
+
+    from qasr.models.demo_data import with_quiet
+    from qasr.runtime.audio import load_audio
+
+    folder = tmp_path_factory.mktemp("sentence")
+    for index, (path, language, text) in enumerate(held_out(6)):
+        speech = load_audio(path)
+        wav = folder / f"{index}.wav"
+        sf.write(wav, with_quiet(speech, LEAD, TAIL), 16000, subtype="PCM_16")
+        if language == "English" and cli_text("transcribe", wav, "--model", demo_bundle) == text + "\n":
+            return wav, speech, text
+    pytest.fail("the demo model transcribes none of the held-out English sentences exactly")
 
 
 @pytest.fixture(scope="module")
 def demo_page(demo_bundle, sentence):
-    """(server with the demo model, Chromium whose microphone speaks the sentence)."""
+    """(server with the demo model, Chromium whose microphone says the sentence once: %noloop)."""
     running = RunningServer(Options(model=str(demo_bundle), backend="onnxruntime"))
-    driver = chromium(sentence[0])
+    driver = chromium(f"{sentence[0]}%noloop")
     yield running, driver
     driver.quit()
     running.stop()
@@ -182,6 +197,19 @@ def received(monkeypatch):
     return chunks
 
 
+def below_4khz(x):
+    """`x` (16 kHz) without its content above 4 kHz. The browser resamples the file to the device's
+    rate and back; its filters damp the top of the band (above 7 kHz a third of the amplitude
+    passes) and turn the phase of what is left above 4 kHz (a match of 0.81 there), while below
+    4 kHz, 95 % of the sentence's energy, the waveform comes through (a match of 0.988, against
+    0.972 over the whole band). The check is on the waveform that carries the words."""
+    import numpy as np
+
+    spectrum = np.fft.rfft(x)
+    spectrum[len(x) // 4:] = 0
+    return np.fft.irfft(spectrum, len(x)).astype(np.float32)
+
+
 def best_match(heard, clip):
     """(offset, correlation): where a window of `heard` the length of `clip` matches it best."""
     import numpy as np
@@ -193,28 +221,28 @@ def best_match(heard, clip):
     return best, float(score[best])
 
 
-def test_the_microphone_delivers_a_sentence_the_model_understands(demo_page, sentence, received, demo_bundle,
-                                                                  tmp_path):
+def test_the_microphone_shows_the_words_of_a_sentence(demo_page, sentence, received):
     import numpy as np
-    import soundfile as sf
 
     server, driver = demo_page
-    path, text = sentence
-    clip, _ = sf.read(path, dtype="float32")
+    _, speech, text = sentence
+    samples = int(16000 * (LEAD + TAIL)) + len(speech)
     driver.get(server.url + "/")
     record = by_id(driver, "record")
     wait(driver, lambda d: record.is_enabled())
     record.click()
-    wait(driver, lambda d: sum(map(len, received)) >= 3 * len(clip), seconds=120)  # two whole loops at least
+    # The file plays once from when the page opens the microphone; the page sends from a little
+    # later, so a second more than the file means the whole file has played (then zeros follow).
+    wait(driver, lambda d: sum(map(len, received)) >= samples + 16000, seconds=120)
     record.click()
     wait(driver, lambda d: by_id(d, "record").text == "Record", seconds=120)
-    assert by_id(driver, "transcript").get_attribute("value") and by_id(driver, "status").text == ""
     heard = np.concatenate(received).astype(np.float32) / 32768
-    offset, match = best_match(heard, clip)
-    loop = heard[offset:offset + len(clip)]
-    assert match > 0.9, match  # the waveform, through 16 kHz -> device rate -> 16 kHz
-    assert abs(np.sqrt(np.mean(loop**2)) / np.sqrt(np.mean(clip**2)) - 1) < 0.1  # and its level: no gain
-    sf.write(tmp_path / "loop.wav", loop, 16000, subtype="PCM_16")
-    spoken = cli_text("transcribe", tmp_path / "loop.wav", "--model", demo_bundle)
-    assert spoken == text + "\n"
+    low, speech_low = below_4khz(heard), below_4khz(speech)
+    offset, match = best_match(low, speech_low)
+    said = low[offset:offset + len(speech)]
+    assert match > 0.95, match  # the whole sentence, through 16 kHz -> device rate -> 16 kHz
+    assert abs(np.sqrt(np.mean(said**2)) / np.sqrt(np.mean(speech_low**2)) - 1) < 0.1  # and its level: no gain
+    assert np.abs(heard[offset + len(speech):]).max() < 0.01  # heard once: quiet after it (%noloop)
+    assert by_id(driver, "transcript").get_attribute("value") == text  # the CLI's text of the file
+    assert by_id(driver, "status").text == ""
     assert console_errors(driver) == []
