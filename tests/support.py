@@ -195,14 +195,11 @@ def cli_text(*argv) -> str:
 
 
 @contextlib.contextmanager
-def served(bundle, **options):
-    """`qasr serve` on the tiny random model (`model`: another preset's bundle path) on the CPU,
-    with these Options, for the length of the block."""
+def served(model, **options):
+    """`qasr serve` with bundle `model` on the CPU, with these Options, for the length of the block."""
     from qasr.serve.service import Options
 
-    options.setdefault("model", str(bundle("tiny-untied")))
-    options.setdefault("backend", "onnxruntime")
-    running = RunningServer(Options(**options))
+    running = RunningServer(Options(model=str(model), **{"backend": "onnxruntime", **options}))
     try:
         yield running
     finally:

@@ -22,7 +22,7 @@ from qasr.models.demo_data import with_quiet
 from qasr.runtime.audio import load_audio
 from qasr.runtime.transcribe import Transcriber
 from qasr.runtime.verify import text_errors
-from support import cli_text
+from support import cli_text, served
 
 FP32_CER = 0.08
 
@@ -112,18 +112,12 @@ def test_the_official_package_gives_the_same_transcripts(clips, offline):
 def test_the_server_gives_the_cli_text(clips, demo_bundle):
     import openai
 
-    from qasr.serve.service import Options
-    from support import RunningServer
-
-    running = RunningServer(Options(model=str(demo_bundle), backend="onnxruntime"))
-    try:
+    with served(demo_bundle) as running:
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
         for path, _, _ in clips:
             with open(path, "rb") as f:
-                served = client.audio.transcriptions.create(model="qasr", file=f, response_format="text")
-            assert served == cli_text("transcribe", path, "--model", demo_bundle)
-    finally:
-        running.stop()
+                text = client.audio.transcriptions.create(model="qasr", file=f, response_format="text")
+            assert text == cli_text("transcribe", path, "--model", demo_bundle)
 
 
 def test_verify_reports_cer_against_the_given_text(capsys, clips, quantized):

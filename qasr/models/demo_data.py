@@ -10,6 +10,7 @@ Mandarin words from the dictionary shipped inside the `jieba` wheel.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -179,8 +180,6 @@ def held_out_clips(model_dir: str | Path, folder: str | Path, count: int, seed: 
 def main(argv: list[str] | None = None) -> int:
     """`python -m qasr.models.demo_data TEXT --language en|zh --out speech.wav`: one sentence in the
     held-out voice of a demo checkpoint's voices.json."""
-    import argparse
-
     parser = argparse.ArgumentParser(description="speak a sentence as the demo model's held-out voice")
     parser.add_argument("text")
     parser.add_argument("--language", choices=sorted(LANGUAGES), default="en")

@@ -22,8 +22,7 @@ import pytest
 
 from selenium import webdriver  # the test extra; the browser itself may be missing: skipped below
 
-from qasr.serve.service import Options
-from support import DATA, RunningServer, cli_text
+from support import DATA, cli_text, served
 
 EN = DATA / "en_16k_s16.wav"
 TOKENS = 12
@@ -36,10 +35,9 @@ SCREENSHOT = os.environ.get("QASR_SCREENSHOT")  # where to save a picture of the
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    running = RunningServer(Options(model=str(bundle("tiny-untied")), aligner=str(bundle("tiny-aligner")),
-                                    backend="onnxruntime", max_new_tokens=TOKENS, api_key="page-key"))
-    yield running
-    running.stop()
+    with served(bundle("tiny-untied"), aligner=str(bundle("tiny-aligner")), max_new_tokens=TOKENS,
+                api_key="page-key") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +169,10 @@ def sentence(held_out, demo_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_page(demo_bundle, sentence):
     """(server with the demo model, Chromium whose microphone says the sentence once: %noloop)."""
-    running = RunningServer(Options(model=str(demo_bundle), backend="onnxruntime"))
-    driver = chromium(f"{sentence[0]}%noloop")
-    yield running, driver
-    driver.quit()
-    running.stop()
+    with served(demo_bundle) as running:
+        driver = chromium(f"{sentence[0]}%noloop")
+        yield running, driver
+        driver.quit()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from support import served
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    with served(bundle, api_key="rt-key") as running:
+    with served(bundle("tiny-untied"), api_key="rt-key") as running:
         yield running
 
 

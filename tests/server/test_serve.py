@@ -24,13 +24,13 @@ TOKENS = 12
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    with served(bundle, max_new_tokens=TOKENS, max_upload_mb=1) as running:
+    with served(bundle("tiny-untied"), max_new_tokens=TOKENS, max_upload_mb=1) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def aligned(bundle):
-    with served(bundle, aligner=str(bundle("tiny-aligner")), max_new_tokens=TOKENS, api_key="sekrit") as running:
+    with served(bundle("tiny-untied"), aligner=str(bundle("tiny-aligner")), max_new_tokens=TOKENS, api_key="sekrit") as running:
         yield running
 
 
@@ -162,7 +162,7 @@ def test_unknown_routes_and_methods_get_openais_error_body(server):
 def test_no_cors_unless_an_origin_is_given(server, bundle):
     preflight = {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}
     assert "access-control-allow-origin" not in httpx.options(f"{server.url}/v1/models", headers=preflight).headers
-    with served(bundle, cors_origins=["http://elsewhere.example"]) as allowed:
+    with served(bundle("tiny-untied"), cors_origins=["http://elsewhere.example"]) as allowed:
         response = httpx.options(f"{allowed.url}/v1/models", headers=preflight)
         assert response.headers["access-control-allow-origin"] == "http://elsewhere.example"
 

@@ -36,7 +36,7 @@ def cli_text(bundle, path, *options) -> str:
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    with served(bundle, max_new_tokens=TOKENS, max_batch=4, max_queue=4) as running:
+    with served(bundle("tiny-untied"), max_new_tokens=TOKENS, max_batch=4, max_queue=4) as running:
         yield running
 
 

@@ -40,7 +40,7 @@ def post(server, timeout=60.0):
 
 @pytest.fixture(scope="module", params=[1, 4], ids=["max-batch-1", "max-batch-4"])
 def small_queue(bundle, request):
-    with served(bundle, max_new_tokens=TOKENS, max_queue=2, max_batch=request.param) as running:
+    with served(bundle("tiny-untied"), max_new_tokens=TOKENS, max_queue=2, max_batch=request.param) as running:
         yield running
 
 
