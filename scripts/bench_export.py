@@ -34,11 +34,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_quant import build_peer, peer_run  # noqa: E402  (scripts/ is this script's own directory)
-
-from qasr.bench.docs import publish  # noqa: E402
-from qasr.bench.harness import DEFAULT_CACHE, describe_machine, speech_file  # noqa: E402
 from qasr.memory import status_kb  # noqa: E402
+
+# The benchmark's own modules (bench_quant, qasr.bench.*) are imported inside the functions that
+# use them, never in the worker: they import torch, whose 0.2 GB would count in the run's peak memory.
 
 BEGIN, END = "<!-- export:begin -->", "<!-- export:end -->"
 RUN_MEMORY = {"0.6b": 4.5e9, "1.7b": 12e9}  # what the fp32 bundle's run needs free (ONNX Runtime packs every weight)
@@ -49,6 +48,12 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(Path(args.worker[0]), Path(args.worker[1]), args)), flush=True)
         return 0
+    from bench_quant import build_peer  # scripts/ is this script's own directory
+
+    from qasr.bench.docs import publish
+    from qasr.bench.harness import DEFAULT_CACHE, speech_file
+
+    args.cache = args.cache or DEFAULT_CACHE / "export"
     args.cache.mkdir(parents=True, exist_ok=True)
     record_file = args.cache / "export-bench.json"
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
@@ -69,7 +74,7 @@ def main() -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["0.6b", "1.7b"], choices=["0.6b", "1.7b"])
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE / "export")
+    p.add_argument("--cache", type=Path, help="default: the benchmarks' cache (qasr.bench.harness), export/")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=24, help="decode steps timed for the per-token median")
     p.add_argument("--no-write", action="store_true", help="print the section, leave docs/benchmarks.md as it is")
@@ -81,6 +86,8 @@ def parser() -> argparse.ArgumentParser:
 
 def steps(model: str, cache: Path, audio: Path, peer: Path, args):
     """(record key, step) in order: checkpoint, exports, runs, the peer."""
+    from bench_quant import peer_run
+
     checkpoint, bundle = cache / f"ckpt-{model}", lambda name: cache / f"{model}-{name}"
     yield f"{model} checkpoint", lambda: _checkpoint(checkpoint, model)
     yield f"{model} export fp32", lambda: timed(["export", str(checkpoint), "--out", str(bundle("fp32"))], bundle("fp32"))
@@ -152,6 +159,8 @@ def worker(bundle: Path, audio: Path, args) -> dict:
 
 
 def report(record: dict, args) -> str:
+    from qasr.bench.harness import describe_machine
+
     lines = [
         "## The 1.7B on a small machine: bounded export, quantization, run time",
         "",

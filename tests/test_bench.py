@@ -64,6 +64,18 @@ def test_resident_memory_now_and_at_its_peak():
     assert during - before >= 0.064 and peak >= during
 
 
+def test_export_benchmark_worker_loads_only_the_runtime():
+    """scripts/bench_export.py's worker is the process whose peak memory the benchmark reports, so it
+    must weigh what a user's does: importing the script loads neither torch nor the exporter (the
+    harness's imports), which would add 0.2 GB to that peak."""
+    root = Path(__file__).parent.parent
+    probe = ("import sys; sys.path.insert(0, 'scripts'); import bench_export\n"
+             "print(sorted({'torch', 'qasr.export.onnx_export', 'qasr.bench.harness'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.stdout.strip() == "[]"
+
+
 def test_widest_simd_names_what_sets_the_kernels_speed():
     """Machines sold under one name differ by the vector extension; the report names the widest."""
     assert widest_simd("fpu sse2 avx2 avx512f avx512_vnni".split()) == "AVX-512 VNNI"

@@ -175,11 +175,27 @@ def test_prepacked_copies_load_and_match(capsys, bundle, tmp_path):
     packed = model.transcribe(EN, max_new_tokens=6)
     assert packed.token_ids == plain.token_ids
     assert model.backend.sessions["decoder"]._model_path == str(out / PREPACKED / "decoder.onnx")
+    assert not model.backend.sessions["encoder"].get_session_options().enable_cpu_mem_arena
     record = out / PREPACKED / PREPACKED_RECORD
     stale = json.loads(record.read_text())
     stale["machine"]["onnxruntime"] = "0.0"
     record.write_text(json.dumps(stale))
     assert prepacked_graph(Bundle.load(out), "decoder") is None
+
+
+def test_graphs_run_once_per_clip_free_their_memory_and_decode_the_same(quantized):
+    """On the CPU the encoder and projector run without ONNX Runtime's arena and the decoder with it,
+    shrunk after each prefill (qasr.runtime.backends.onnxruntime_cpu). A second transcription, after
+    the shrink, gives the ids of the first, and so does a decoder whose arena is never shrunk."""
+    from qasr.runtime.transcribe import Transcriber
+
+    model = Transcriber.load(quantized("int4"), backend="onnxruntime")
+    arenas = {name: model.backend.sessions[name].get_session_options().enable_cpu_mem_arena
+              for name in ("encoder", "projector", "decoder")}
+    assert arenas == {"encoder": False, "projector": False, "decoder": True}
+    first, again = (model.transcribe(EN, max_new_tokens=6).token_ids for _ in range(2))
+    model.backend.shrink = None
+    assert first == again == model.transcribe(EN, max_new_tokens=6).token_ids
 
 
 def test_tensorrt_build_of_a_quantized_bundle_is_one_line(capsys, quantized, bundle):

@@ -21,7 +21,8 @@ from qasr.export.fused_decoder import build_fused_decoder, check_fusable
 from qasr.export.onnx_files import alias_shared_weights, graph_contract
 from qasr.export.quantize import SCHEMES, check_weights, quantize_graph, quantized_manifest
 from qasr.export.trace import StandIn
-from qasr.export.weight_stream import DataFile, StreamedGraph, return_freed_tensors
+from qasr.export.weight_stream import DataFile, StreamedGraph
+from qasr.memory import return_freed_memory
 from qasr.models.checkpoint import check_checkpoint, warn_if_head_untied
 from qasr.models.config import ModelConfig, load_config
 from qasr.models.digest import checkpoint_digest
@@ -49,7 +50,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, w
     quantized = weights != "fp32" or encoder_weights != "fp32"
     if quantized:
         check_weights(weights, encoder_weights)  # before minutes of export, not after
-    return_freed_tensors()
+    return_freed_memory()
     config = load_config(checkpoint)
     if decoder == "fused" and not config.is_aligner:
         check_fusable(config)  # before minutes of export, not after

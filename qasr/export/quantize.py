@@ -41,7 +41,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qasr.errors import BundleError, UsageError
 from qasr.export.onnx_files import graph_contract, unalias_shared_weights
-from qasr.export.weight_stream import DataFile, StreamedGraph, return_freed_tensors
+from qasr.export.weight_stream import DataFile, StreamedGraph
+from qasr.memory import return_freed_memory
 from qasr.runtime.bundle import MANIFEST, Bundle, staged
 from qasr.version import __version__
 
@@ -82,7 +83,7 @@ def quantize_bundle(source: str | Path, out: str | Path, weights: str = "int4", 
     out = Path(out)
     if out.resolve() == bundle.path.resolve():
         raise UsageError(f"{out}: write the quantized bundle beside its fp32 source, not over it (verify needs both)")
-    return_freed_tensors()
+    return_freed_memory()
     manifest = json.loads(json.dumps(bundle.manifest))
     settings = {}
     with staged(out) as staging:

@@ -13,8 +13,6 @@ Free of torch: quantizing a bundle (on a Jetson, say) needs only onnx and ONNX R
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import itertools
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -30,23 +28,7 @@ from qasr.errors import BundleError
 from qasr.export.onnx_files import DATA_THRESHOLD
 
 Reader = Callable[[], Iterator[np.ndarray]]  # an initializer's rows, block by block, in order
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 BYTES_OVERHEAD = sys.getsizeof(b"")  # onnx compares sys.getsizeof(raw_data), not its length, with the threshold
-
-
-def return_freed_tensors() -> None:
-    """Have every allocation of 1 MB or more mapped on its own, so that a freed tensor leaves the
-    process at once.
-
-    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MB), after which
-    tensors of a few MB come from the heap, whose freed middle stays resident: reading a 0.6B
-    checkpoint tensor by tensor then kept 1.4 GB that nothing used. A fixed threshold (as
-    MALLOC_MMAP_THRESHOLD_ sets) stops that. No-op where the C library is not glibc.
-    """
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 @dataclass

@@ -6,6 +6,12 @@ K and V blocks ORT reads in place as its past_key_i / past_value_i inputs, and a
 inputs and outputs are bound once per batch size, so a decoded token allocates nothing. New K/V
 rows come back as an output and are copied into the cache at their rows (the portable contract
 that TensorRT 10.3 also runs).
+
+Memory (docs/benchmarks.md, "The 1.7B on a small machine"): the graphs that run once per clip
+(encoder, projector, aligner) run without ONNX Runtime's arena, which would keep their largest
+activations for the life of the process, and with the C library returning freed blocks at once
+(qasr.memory.return_freed_memory); the decoder keeps its arena, so a decode step reuses its
+buffers, but a prefill, whose activations are many times a step's, shrinks it again afterwards.
 """
 
 from __future__ import annotations
@@ -18,15 +24,21 @@ import numpy as np
 import onnxruntime as ort
 
 from qasr.errors import BundleError, EngineError, UsageError, first_line
+from qasr.memory import return_freed_memory
 from qasr.progress import Progress
 from qasr.runtime.backends.interface import Backend
 from qasr.runtime.backends.prepack import prepacked_graph
 from qasr.runtime.bundle import Bundle, cache_names
 
 
-def session_options(threads: int | None, optimize: bool = True) -> ort.SessionOptions:
-    """`optimize=False` for prepacked copies (qasr.runtime.backends.prepack), which are optimised already."""
+ARENA_GRAPHS = ("decoder",)  # run every token: they keep ONNX Runtime's arena
+
+
+def session_options(threads: int | None, optimize: bool = True, arena: bool = True) -> ort.SessionOptions:
+    """`optimize=False` for prepacked copies (qasr.runtime.backends.prepack), which are optimised already;
+    `arena=False` for graphs run once per clip, whose activations are then freed after each call."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -63,6 +75,8 @@ class OnnxRuntimeBackend(Backend):
         self.providers = providers or ["CPUExecutionProvider"]
         self.options = session_options(threads)
         self.threads = threads
+        self.shrink = arena_shrink() if self.providers == ["CPUExecutionProvider"] else None
+        return_freed_memory()
         self.sessions = Sessions(self._session, list(bundle.manifest["graphs"]))
         model = bundle.model["text"]
         self.cache_shape = (model["num_hidden_layers"], 2, 1, model["num_key_value_heads"], 0, model["head_dim"])
@@ -75,7 +89,7 @@ class OnnxRuntimeBackend(Backend):
         """The graph's prepacked copy where one was made on this kind of machine, else the graph."""
         prepacked = prepacked_graph(self.bundle, name) if self.providers == ["CPUExecutionProvider"] else None
         path = prepacked or self.bundle.graph_path(name)
-        options = session_options(self.threads, optimize=False) if prepacked else self.options
+        options = session_options(self.threads, optimize=not prepacked, arena=name in ARENA_GRAPHS)
         try:
             return ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types, all with a message
@@ -128,7 +142,7 @@ class OnnxRuntimeBackend(Backend):
         call = self._call(np.ascontiguousarray(input_ids, dtype=np.int64),
                           np.ascontiguousarray(audio_embeds, dtype=np.float32),
                           np.array([position], dtype=np.int64), np.zeros(1, dtype=np.int64), past)
-        self.sessions["decoder"].run_with_iobinding(call.binding)
+        self.sessions["decoder"].run_with_iobinding(call.binding, self.shrink)
         assert self.cache is not None
         self.cache[:, :, 0, :, start + position : start + position + new] = call.rows[0]
         self.last = call
@@ -181,6 +195,13 @@ class Call:
     logits: np.ndarray
     rows: np.ndarray
     binding: ort.IOBinding
+
+
+def arena_shrink() -> ort.RunOptions:
+    """Run options that hand the CPU arena's free regions back after the call (a prefill's)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def usable(bundle: Bundle) -> bool:

@@ -107,7 +107,7 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
         call.binding.bind_ortvalue_input("audio_embeds", ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(audio_embeds, dtype=np.float32)))
         call.seqlens[0], call.total[()], call.new[0] = position + new - 1, position + new, new
-        self.sessions["decoder"].run_with_iobinding(call.binding)
+        self.sessions["decoder"].run_with_iobinding(call.binding, self.shrink)
         self.filled[start] = max(self.filled.get(start, 0), position + new)
         self.logits = call.logits
         return int(call.next_token[0])
