@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from pathlib import Path
@@ -74,6 +75,7 @@ def available_memory() -> int:
     return min(figures) if figures else sys.maxsize
 
 
+@functools.cache  # a process-wide setting: once (finding the C library runs ldconfig)
 def return_freed_memory() -> None:
     """Have every allocation of 1 MB or more mapped on its own, so that freed memory leaves the
     process at once.
