@@ -1,10 +1,9 @@
-"""qasr's cache on disk: where it is, its locks, and which checkpoint a bundle came from.
+"""qasr's cache on disk: where it is, its locks, and the folders a step may write.
 
 The model cache (first-use exports), the digest memo and the derived graphs all meet the same
-needs: a place this user may write, a lock that two processes (or two machines on a shared disk)
-honour and that dies with its holder, and a cheap answer to "is this the same checkpoint".
-Nothing here knows about models or graphs, so export, runtime and backends all build on it
-(qasr.models.digest keeps its memo here too).
+needs: a place this user may write, checked before work is spent, and a lock that two processes
+honour and that dies with its holder. Nothing here knows about models or graphs, so the exporter,
+the runtime and the backends all build on it (qasr.models.digest keeps its memo here too).
 """
 
 from __future__ import annotations

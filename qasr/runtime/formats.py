@@ -96,7 +96,6 @@ def render(t: Transcript, name: str) -> str:
     return FORMATS[name].write(t)
 
 
-
 def subtitle_segments(text: str, words: list[Word], max_chars: int = 42, max_duration: float = 6.0) -> list[Segment]:
     """Subtitle cues from word times, with the transcript's own text.
 
