@@ -171,8 +171,9 @@ def report(rows: list[dict], nodes: dict, args) -> str:
     lines = [f"## Fused decoder on the CPU\n\n{datetime.date.today()}, `python scripts/bench_fused.py --checkpoint "
              f"CKPT --work DIR --steps {args.steps} --repeats {args.repeats}` ({args.threads} threads), full-size "
              f"random 0.6B (its logits are flat, so this measures speed only).\n\n{describe_machine()}; load average at the "
-             f"end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min): the machine was shared with other "
-             "jobs, so every figure is a median of interleaved rounds and the ratios are to peers measured beside it.",
+             f"end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min; 2 is this benchmark alone): every "
+             "figure is a median of interleaved rounds, and the ratios are to peers measured beside it, so that "
+             "other jobs on a shared machine slow every system alike.",
              "", "| system | nodes per layer per step | decode ms/token, 10 s | x antirez | decode ms/token, 60 s "
              "| x antirez | x traced, 10 s / 60 s |", "|---|---|---|---|---|---|---|"]
     for system in [*SYSTEMS, "antirez/qwen-asr"]:
