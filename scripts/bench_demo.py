@@ -8,7 +8,7 @@ bundle on ONNX Runtime, int8 weights, int4 weights with the int8 encoder, `qasr 
 segments and --segment-seconds 0), `qasr serve` through the openai SDK, and the official qwen-asr
 package loading the checkpoint; then `qasr verify --text` of the int8 and int4 bundles; then the
 same clips with quiet around them or heard twice (`margins`), as a microphone delivers speech. CER is
-over all clips together (qasr.runtime.verify.text_errors: lowercase, no punctuation, CJK unspaced).
+over all clips together (qasr.runtime.verify.corpus_cer: lowercase, no punctuation, CJK unspaced).
 Writes the "Demo model" section of docs/benchmarks.md.
 """
 
@@ -36,7 +36,7 @@ from qasr.export.onnx_export import export_bundle  # noqa: E402
 from qasr.export.quantize import quantize_bundle  # noqa: E402
 from qasr.models.demo_data import LANGUAGES, held_out_clips, join, with_quiet  # noqa: E402
 from qasr.runtime.transcribe import Transcriber  # noqa: E402
-from qasr.runtime.verify import text_errors, verify  # noqa: E402
+from qasr.runtime.verify import corpus_cer, verify  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- demo:begin -->", "<!-- demo:end -->"
@@ -44,8 +44,7 @@ MODEL = ROOT / "models" / "qwen3-asr-demo"
 
 
 def cer(texts: list[str], truth: list[str]) -> float:
-    counts = [text_errors(h, r) for h, r in zip(texts, truth)]
-    return sum(e for e, _ in counts) / sum(n for _, n in counts)
+    return corpus_cer(zip(texts, truth))
 
 
 def cli(*argv) -> str:

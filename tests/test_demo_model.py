@@ -21,16 +21,12 @@ from qasr.export.quantize import quantize_bundle
 from qasr.models.demo_data import with_quiet
 from qasr.runtime.audio import load_audio
 from qasr.runtime.transcribe import Transcriber
-from qasr.runtime.verify import text_errors
+from qasr.runtime.verify import corpus_cer as cer
 from support import cli_text, served
 
 FP32_CER = 0.08
 
 
-def cer(pairs) -> float:
-    """CER over all (hypothesis, reference) pairs together."""
-    counts = [text_errors(h, r) for h, r in pairs]
-    return sum(e for e, _ in counts) / sum(n for _, n in counts)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +97,6 @@ def test_the_checkpoint_directory_gives_the_bundle_text(clips, offline):
 def test_the_official_package_gives_the_same_transcripts(clips, offline):
     import oracle
     from conftest import DEMO_MODEL
-    from qasr.runtime.audio import load_audio
 
     official = oracle.load_official(DEMO_MODEL, max_new_tokens=64)
     for (path, _, _), (language, text) in zip(clips, offline):

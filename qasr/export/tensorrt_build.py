@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from qasr.errors import EngineError
+from qasr.jsonfile import read_json
 from qasr.runtime.align import MAX_SECONDS as ALIGNER_SECONDS
 from qasr.runtime.backends.cuda import Cuda
 from qasr.runtime.backends.tensorrt_engines import CAPACITY_STEP, RECORD_FORMAT, tensorrt_version
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     here = {"tensorrt": tensorrt_version(), **Cuda().device()}
     graphs = derive(bundle, args.precision, args.weights)
-    contracts = json.loads((graphs / DERIVED_RECORD).read_text(encoding="utf-8"))["graphs"]
+    contracts = read_json(graphs / DERIVED_RECORD, EngineError)["graphs"]
     plans = profiles(bundle.manifest, args.max_audio, args.max_batch)
     cache_file = args.timing_cache or bundle.path / ENGINES / TIMING_CACHE
     timing = cache_file.read_bytes() if cache_file.is_file() else b""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -109,12 +110,9 @@ class Report:
 
     def _truth_figures(self) -> dict[str, float]:
         """CER of the bundle and of the fp32 reference against the true transcripts, over all clips."""
-        def cer(which: int) -> float:
-            counts = [text_errors(c.texts[which], c.truth or "") for c in self.clips]
-            edits, chars = sum(e for e, _ in counts), sum(n for _, n in counts)
-            return edits / chars if chars else float(edits > 0)
-
-        return {"cer": cer(1), "reference_cer": cer(0), "rise": cer(1) - cer(0)}
+        bundle = corpus_cer((c.texts[1], c.truth or "") for c in self.clips)
+        reference = corpus_cer((c.texts[0], c.truth or "") for c in self.clips)
+        return {"cer": bundle, "reference_cer": reference, "rise": bundle - reference}
 
     def shortfall(self) -> str | None:
         """One line naming the first stage outside its limits, or None when all are within them."""
@@ -277,6 +275,14 @@ def text_errors(hypothesis: str, reference: str) -> tuple[int, int]:
     """(character edits, reference characters) between two texts after `normalize_text`."""
     hypothesis, reference = normalize_text(hypothesis), normalize_text(reference)
     return edit_distance(hypothesis, reference), len(reference)
+
+
+def corpus_cer(pairs: Iterable[tuple[str, str]]) -> float:
+    """CER over all (hypothesis, reference) pairs together: their edits over their reference
+    characters, after `normalize_text`, so that short clips weigh by their length."""
+    counts = [text_errors(hypothesis, reference) for hypothesis, reference in pairs]
+    edits, chars = sum(e for e, _ in counts), sum(n for _, n in counts)
+    return edits / chars if chars else float(edits > 0)
 
 
 def edit_distance(hypothesis: str, reference: str) -> int:

@@ -30,7 +30,6 @@ from qasr.runtime.backends.interface import Backend
 from qasr.runtime.backends.prepack import prepacked_graph
 from qasr.runtime.bundle import Bundle, cache_names
 
-
 ARENA_GRAPHS = ("decoder",)  # run every token: they keep ONNX Runtime's arena
 
 
@@ -73,7 +72,6 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, bundle: Bundle, threads: int | None = None, providers: list | None = None):
         self.bundle = bundle
         self.providers = providers or ["CPUExecutionProvider"]
-        self.options = session_options(threads)
         self.threads = threads
         self.shrink = arena_shrink() if self.providers == ["CPUExecutionProvider"] else None
         return_freed_memory()

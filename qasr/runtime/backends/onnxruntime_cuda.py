@@ -34,7 +34,7 @@ from qasr.jsonfile import read_json
 from qasr.progress import Progress
 from qasr.runtime.backends.cuda import Cuda, row_copy
 from qasr.runtime.backends.interface import PRECISIONS, Backend
-from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
+from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend, session_options
 from qasr.runtime.bundle import DERIVED_RECORD, ENGINES, Bundle, cache_names, derived_dir, derived_is_current
 from qasr.runtime.resolve import derive_graphs
 
@@ -106,6 +106,8 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
             quiet_onnxruntime()
             self.cuda = Cuda()
             self.stream = self.cuda.stream()
+        self.options = session_options(threads)  # one set for every graph: no CPU packing or arena choices
+        self.options.log_severity_level = LOG_LEVEL
         super().__init__(bundle, threads=threads, providers=self._providers(bundle, provider, precision))
         cache = self.graphs["decoder"]["inputs"]["past_key_0"]["dtype"] if "decoder" in self.graphs else "float32"
         self.cache_type, self.itemsize = CACHE_TYPES[cache]
@@ -129,7 +131,6 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         path = self.graph_dir / self.graphs[name]["file"]
         if not path.is_file():
             raise BundleError(f"{path}: missing")
-        self.options.log_severity_level = LOG_LEVEL
         try:
             session = ort.InferenceSession(str(path), self.options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types, all with a message
