@@ -51,6 +51,8 @@ ENCODER_WEIGHTS = ("fp32", "int8")
 QUANTIZER = "onnxruntime.quantization.matmul_nbits_quantizer"
 AUDIO_GRAPHS = ("encoder", "projector")
 SKIPPED = ("derived", "engines", "prepacked")  # products of the fp32 graphs: rebuilt, never copied
+PART_BYTES = 32 << 20  # the most packed weight bytes one MatMulNBits holds (split_wide_matmuls)
+PART_ROWS = 256  # a part's rows: a multiple of this, so MLAS tiles its columns as it tiled the whole weight's
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ def quantize_graph(graph: StreamedGraph, dst: Path, scheme: Scheme) -> tuple[dic
         aliases = quantize_gathers(graph, out, scheme)
         graph.save(dst, out)
     _write_aliases(dst, aliases)
+    split_wide_matmuls(dst)
     if not any(node.op_type == "SimplifiedLayerNormalization" for node in model.graph.node):
         onnx.checker.check_model(str(dst))  # it knows no ORT ops in the ONNX domain (the fused decoder's)
     saved = onnx.load(str(dst), load_external_data=False)
@@ -368,6 +371,80 @@ def _write_aliases(path: Path, aliases: dict[str, str]) -> None:
         tensor.external_data.extend(packed.external_data)
         model.graph.initializer.append(tensor)
     onnx.save_model(model, str(path))
+
+
+def split_wide_matmuls(path: Path, part_bytes: int = PART_BYTES) -> None:
+    """Each MatMulNBits whose packed weight passes `part_bytes` (the head: 155 MB in int4 on the 1.7B)
+    -> one per range of its output rows, over views of the same bytes, outputs concatenated.
+
+    Why: ONNX Runtime repacks a weight into its kernel's layout when a session opens, while the
+    original is still mapped, so the largest weight is briefly held twice: that moment was the
+    1.7B int4 run's peak memory (docs/benchmarks.md, "The 1.7B on a small machine"). A part is
+    rows [a, b) of the weight, its scales and zero points (all stored row by row), described as
+    external data at an offset into the same file, as the tied gather's alias is, so nothing is
+    stored twice and each output column is the same dot product as before.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, changed = [], False
+    for node in model.graph.node:
+        parts = _row_parts(node, inits, part_bytes)
+        if not parts:
+            nodes.append(node)
+            continue
+        changed = True
+        outputs = []
+        for i, (start, rows) in enumerate(parts):
+            views = [_row_view(inits[name], start, rows, _attr(node, "N"), f"{name}.rows{i}") for name in node.input[1:]]
+            model.graph.initializer.extend(views)
+            outputs.append(f"{node.output[0]}/rows{i}")
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} | {"N": rows}
+            nodes.append(helper.make_node("MatMulNBits", [node.input[0], *(v.name for v in views)], [outputs[-1]],
+                                          name=f"{node.name}/rows{i}", domain="com.microsoft", **attrs))
+        nodes.append(helper.make_node("Concat", outputs, [node.output[0]], name=f"{node.name}/concat", axis=-1))
+    if not changed:
+        return
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    used = {name for n in model.graph.node for name in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    model.graph.ClearField("initializer")
+    model.graph.initializer.extend(kept)
+    onnx.save_model(model, str(path))
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next(a.i for a in node.attribute if a.name == name)
+
+
+def _row_parts(node: onnx.NodeProto, inits: dict[str, TensorProto], part_bytes: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each part of a MatMulNBits too wide to pack in one piece; [] to keep it whole.
+    Only nodes whose every weight input lies in the data file can be split into views."""
+    if node.op_type != "MatMulNBits" or node.input[1] not in inits:
+        return []
+    weights = [inits.get(name) for name in node.input[1:]]
+    if any(w is None or w.data_location != TensorProto.EXTERNAL for w in weights):
+        return []
+    length = int(next(e.value for e in weights[0].external_data if e.key == "length"))
+    if length <= part_bytes:
+        return []
+    n = _attr(node, "N")
+    rows = -(-n // -(-length // part_bytes))
+    rows = -(-rows // PART_ROWS) * PART_ROWS  # whole kernel tiles: only the last part ends where the whole did
+    return [(start, min(rows, n - start)) for start in range(0, n, rows)]
+
+
+def _row_view(tensor: TensorProto, start: int, rows: int, n: int, name: str) -> TensorProto:
+    """Rows [start, start + rows) of a weight stored row by row ([N, ...], or flat [N x per-row])."""
+    region = {e.key: e.value for e in tensor.external_data}
+    row_bytes = int(region["length"]) // n
+    dims = [rows, *tensor.dims[1:]] if tensor.dims[0] == n else [rows * (int(np.prod(tensor.dims)) // n)]
+    view = TensorProto(name=name, data_type=tensor.data_type, dims=dims)
+    view.data_location = TensorProto.EXTERNAL
+    offset = int(region.get("offset", 0)) + start * row_bytes
+    for key, value in (("location", region["location"]), ("offset", str(offset)), ("length", str(rows * row_bytes))):
+        view.external_data.add(key=key, value=value)
+    return view
 
 
 def _count_ops(model: onnx.ModelProto) -> dict[str, int]:
