@@ -7,7 +7,7 @@ For each full-size random checkpoint (made once in the cache by qasr.models.synt
 in its own process under GNU time (`/usr/bin/time -v`: wall clock and peak resident memory):
 - `qasr export CKPT --out fp32` and `qasr export CKPT --out int4 --weights int4 --encoder-weights int8`
   (straight from the checkpoint, no fp32 graph written), then `qasr export fp32 --out int8 --weights
-  int8` (from the bundle);
+  int8` (from the bundle), and the int4 export again with `--decoder fused`;
 - for each bundle (fp32 only where the machine has the memory it takes), a 10 s recording: the first
   call after loading and a second one (their setup and prefill), the forced decode's median
   ms/token, the encoder, the cold start (process start to first result) and the peak memory;
@@ -41,6 +41,8 @@ from qasr.memory import status_kb  # noqa: E402
 
 BEGIN, END = "<!-- export:begin -->", "<!-- export:end -->"
 RUN_MEMORY = {"0.6b": 4.5e9, "1.7b": 12e9}  # what the fp32 bundle's run needs free (ONNX Runtime packs every weight)
+RUNS = ("fp32", "int8", "int4", "int4-fused")
+LABELS = {"int8": "int8 (fp32 encoder)", "int4": "int4 (int8 encoder)", "int4-fused": "int4, fused decoder (int8 encoder)"}
 
 
 def main() -> int:
@@ -95,7 +97,10 @@ def steps(model: str, cache: Path, audio: Path, peer: Path, args):
                                                  "int4", "--encoder-weights", "int8"], bundle("int4"))
     yield f"{model} export int8", lambda: timed(["export", str(bundle("fp32")), "--out", str(bundle("int8")),
                                                  "--weights", "int8"], bundle("int8"))
-    for name in ("fp32", "int8", "int4"):
+    yield f"{model} export int4-fused", lambda: timed(["export", str(checkpoint), "--out", str(bundle("int4-fused")),
+                                                       "--weights", "int4", "--encoder-weights", "int8", "--decoder",
+                                                       "fused"], bundle("int4-fused"))
+    for name in RUNS:
         yield f"{model} run {name}", lambda name=name: run(bundle(name), audio, model, name, args)
     yield f"{model} run antirez/qwen-asr", lambda: peer_run(peer, checkpoint, audio, args)
 
@@ -176,7 +181,8 @@ def report(record: dict, args) -> str:
         ck = record.get(f"{model} checkpoint", {})
         for name, step in (("fp32", "`qasr export CKPT --out B`"),
                            ("int4", "`qasr export CKPT --out Q --weights int4 --encoder-weights int8` (no fp32 bundle)"),
-                           ("int8", "`qasr export B --out Q8 --weights int8` (from the fp32 bundle)")):
+                           ("int8", "`qasr export B --out Q8 --weights int8` (from the fp32 bundle)"),
+                           ("int4-fused", "the int4 export with `--decoder fused`")):
             row = record.get(f"{model} export {name}")
             if row:
                 lines.append(f"| {model} | {step} | {row['seconds'] / 60:.1f} min | {row['peak_gb']:.2f} GB | "
@@ -189,14 +195,14 @@ def report(record: dict, args) -> str:
               "|---|---|---|---|---|---|---|---|---|"]
     for model in args.models:
         peer = record.get(f"{model} run antirez/qwen-asr")
-        for name in ("fp32", "int8", "int4"):
+        for name in RUNS:
             row = record.get(f"{model} run {name}")
             if not row:
                 continue
             if "skipped" in row:
                 lines.append(f"| {model} | {name} | not run: {row['skipped']} | | | | | | |")
                 continue
-            label = name + (" (int8 encoder)" if name == "int4" else " (fp32 encoder)" if name == "int8" else "")
+            label = LABELS.get(name, name)
             first, second = row["first"], row["second"]
             ratio = f"{row['decode_ms'] / peer['decode_ms']:.2f}" if peer else ""
             lines.append(f"| {model} | {label} | {row['cold_start']:.1f} s | {first['setup']:.2f} s, "

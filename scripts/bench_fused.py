@@ -107,8 +107,7 @@ def step_nodes(path: Path, filled: int = 200) -> float:
         shape = [1 if d in ("batch", "new", "audio") else filled + 1 if d == "capacity" else d for d in spec["shape"]]
         feeds[name] = np.zeros(shape, dtype=spec["dtype"])
     if graph.get("layout") == "slots":
-        feeds.update(seqlens_k=np.array([filled], np.int32), total_sequence_length=np.array(filled + 1, np.int32),
-                     query_seqlens=np.array([1], np.int32))
+        feeds.update(seqlens_k=np.array([filled], np.int32), total_sequence_length=np.array(filled + 1, np.int32))
     else:
         feeds["position"] = np.array([filled])
     with tempfile.TemporaryDirectory() as tmp:

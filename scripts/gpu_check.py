@@ -3,11 +3,12 @@
     python scripts/gpu_check.py [--cache DIR] [--skip-tests] [--json FILE]
 
 It makes a full-size random Qwen3-ASR-0.6B in the official layout (once, in the cache), exports
-its fp32 bundle, runs `pytest -m gpu` (no official package needed), then for each precision
-(fp32, fp16, bf16 where the provider runs it) derives the graphs, checks the ids against ONNX
-Runtime on the CPU and runs `qasr verify` on 10 s of speech, and times the audio path (10 s and
-60 s), the prefill and the decode steps at batch 1, 8 and 32. It writes the GPU section of
-docs/benchmarks.md. Random weights: the figures are speed and agreement, never accuracy.
+its fp32 bundle with the traced decoder and with the fused one, runs `pytest -m gpu` (no official
+package needed), then for each column (the traced decoder in fp32, fp16 and bf16; the fused
+decoder, its steps replayed as CUDA graphs, in fp16 and bf16) derives the graphs, checks the ids
+against ONNX Runtime on the CPU and runs `qasr verify` on 10 s of speech, and times the audio
+path (10 s and 60 s), the prefill and the decode steps at batch 1, 8 and 32. It writes the GPU
+section of docs/benchmarks.md. Random weights: the figures are speed and agreement, never accuracy.
 
 Needs the runtime, onnxruntime-gpu and cuda-python, plus torch, onnx and safetensors for the
 random checkpoint and its export. Written for Python 3.12, torch 2.11 (CUDA 13) and
@@ -35,6 +36,7 @@ from qasr.bench.harness import prepare, speech_file  # noqa: E402
 from qasr.errors import QasrError  # noqa: E402
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+FUSED_PRECISIONS = ("fp16", "bf16")  # GroupQueryAttention's CUDA kernels take no other type
 SECONDS = (10, 60)
 BATCHES = (1, 8, 32)
 STEPS = 64  # decode steps timed per batch size
@@ -58,11 +60,13 @@ def main() -> int:
     facts = rehearsal() if args.rehearse else environment()
     say(f"{facts['gpu']} (sm {facts['compute_capability']}), onnxruntime {facts['onnxruntime']}")
     began = time.perf_counter()
-    _, bundle = prepare("tiny" if args.rehearse else "0.6b", args.cache)
+    checkpoint, bundle = prepare("tiny" if args.rehearse else "0.6b", args.cache)
+    fused = fused_bundle(checkpoint, bundle)
     facts["prepare_s"] = time.perf_counter() - began
     facts["tests"] = None if args.skip_tests else run_tests()
     device = "cpu" if args.rehearse else "cuda"
     facts["precisions"] = {p: guarded(measure, bundle, p, args.cache, device) for p in PRECISIONS}
+    facts["precisions"].update({f"fused {p}": guarded(measure, fused, p, args.cache, device) for p in FUSED_PRECISIONS})
     text = report(facts)
     write_section(args.doc, BEGIN, END, text)
     if args.json:
@@ -101,6 +105,19 @@ def rehearsal() -> dict:
             "python": platform.python_version()}
 
 
+def fused_bundle(checkpoint: Path, bundle: Path) -> Path:
+    """The checkpoint exported with the fused decoder, beside its traced bundle (once)."""
+    from qasr.export.onnx_export import export_bundle
+    from qasr.runtime.bundle import Bundle
+
+    path = bundle.with_name(bundle.name + "-fused")
+    try:
+        Bundle.load(path)
+    except QasrError:
+        export_bundle(checkpoint, path, progress=say, decoder="fused")
+    return path
+
+
 def run_tests() -> dict:
     """`pytest -m gpu` on the GPU test modules: its summary line and exit status."""
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rs",
@@ -128,6 +145,7 @@ def guarded(measure, *args) -> dict:
 def measure(bundle: Path, precision: str, cache: Path, device: str) -> dict:
     """Every figure of one precision, or the one line that says why it does not run."""
     from qasr.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend
+    from qasr.runtime.backends.onnxruntime_cuda_fused import OnnxRuntimeCudaFusedBackend
     from qasr.runtime.bundle import Bundle
     from qasr.runtime.resolve import derive_graphs
     from qasr.runtime.transcribe import Transcriber
@@ -140,7 +158,8 @@ def measure(bundle: Path, precision: str, cache: Path, device: str) -> dict:
             derive_graphs(loaded, precision, say)
         out["derive_s"] = time.perf_counter() - began
         began = time.perf_counter()
-        backend = OnnxRuntimeCudaBackend(loaded, precision=precision, device=device)
+        kind = OnnxRuntimeCudaFusedBackend if loaded.fused_decoder else OnnxRuntimeCudaBackend
+        backend = kind(loaded, precision=precision, device=device)
         backend.sessions["decoder"]
         out["load_s"] = time.perf_counter() - began
     except QasrError as error:
@@ -171,11 +190,26 @@ def step_nodes(backend) -> dict:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(graph), options, providers=backend.providers)
     layers, _, _, heads, _, dim = backend.cache_shape
-    cache = np.zeros((1, heads, 200, dim), dtype=np.float16 if backend.itemsize == 2 else np.float32)
-    feeds = {"input_ids": np.zeros((1, 1), np.int64), "audio_embeds": np.zeros((1, 1, backend.hidden_size), np.float32),
-             "position": np.array([199], np.int64), "cache_start": np.zeros(1, np.int64)}
-    feeds.update({f"past_{kind}_{i}": cache for i in range(layers) for kind in ("key", "value")})
-    session.run(None, feeds)
+    cache = ort.OrtValue.ortvalue_from_shape_and_type([1, heads, 256, dim], backend.cache_type, backend.device,
+                                                      backend.device_id)  # bf16 has no numpy type: a device value
+    binding = session.io_binding()
+    feeds = {"input_ids": np.zeros((1, 1), np.int64), "audio_embeds": np.zeros((1, 1, backend.hidden_size), np.float32)}
+    fused = getattr(backend, "slots", False)  # the fused decoder (docs/graphs.md)
+    if fused:
+        feeds |= {"seqlens_k": np.array([199], np.int32), "total_sequence_length": np.array(256, np.int32)}
+    else:
+        feeds |= {"position": np.array([199], np.int64), "cache_start": np.zeros(1, np.int64)}
+    for name, array in feeds.items():
+        binding.bind_cpu_input(name, array)
+    for i in range(layers):
+        for kind in ("key", "value"):
+            binding.bind_ortvalue_input(f"past_{kind}_{i}", cache)
+            if fused:
+                binding.bind_ortvalue_output(f"present_{kind}_{i}", cache)
+    for output in session.get_outputs():
+        if not output.name.startswith("present_"):
+            binding.bind_output(output.name, backend.device, backend.device_id)
+    session.run_with_iobinding(binding)
     events = json.loads(Path(session.end_profiling()).read_text())
     counts: dict[str, int] = {}
     for event in events:
@@ -256,12 +290,12 @@ def time_batches(model, wave: np.ndarray) -> dict:
 
 def compare_ids(model, wave: np.ndarray) -> dict:
     """Free-running ids against the fp32 graphs on ONNX Runtime's CPU provider."""
+    from qasr.runtime.backends.select import open_backend
     from qasr.runtime.batch import greedy_decode
     from qasr.runtime.embed import embed_audio
-    from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
     from qasr.runtime.prompt import prompt_ids
 
-    cpu = OnnxRuntimeBackend(model.bundle)
+    cpu = open_backend(model.bundle, "onnxruntime")
     embeds = model.encode((wave, 16000))
     cpu_embeds = embed_audio(cpu, wave, model.window_frames)
     prompt = prompt_ids(model.tokenizer, "", None, len(embeds))

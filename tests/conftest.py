@@ -49,6 +49,25 @@ def bundle(checkpoint, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def fused(checkpoint, tmp_path_factory):
+    """fused(weights) -> the tiny checkpoint exported with the fused decoder (fp32, or quantized from it)."""
+    from qasr.export.onnx_export import export_bundle
+    from qasr.export.quantize import quantize_bundle
+
+    made: dict = {}
+
+    def get(weights: str = "fp32"):
+        if weights not in made:
+            folder = tmp_path_factory.mktemp(f"fused-{weights}")
+            made[weights] = (export_bundle(checkpoint("tiny"), folder / "bundle", progress=lambda line: None,
+                                           decoder="fused") if weights == "fp32" else
+                             quantize_bundle(get("fp32"), folder / "bundle", weights, progress=lambda line: None))
+        return made[weights]
+
+    return get
+
+
 SPEECH_16K = ("en_16k_s16.wav", "zh_16k_f32_loud.wav")
 
 

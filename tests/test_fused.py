@@ -15,7 +15,6 @@ import soundfile as sf
 from oracle import load_official, official_transcribe
 from qasr.cli import main
 from qasr.export.fused_decoder import fused_cache_names
-from qasr.export.onnx_export import export_bundle
 from qasr.export.quantize import quantize_bundle
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.backends.onnxruntime_fused import OnnxRuntimeFusedBackend
@@ -26,22 +25,6 @@ from support import DATA
 
 FILES = ["en_16k_s16.wav", "de_22k.flac", "fr_48k.ogg", "zh_16k_f32_loud.wav", "es_16k_4ch.wav"]
 BUDGET = 20
-
-
-@pytest.fixture(scope="module")
-def fused(checkpoint, tmp_path_factory):
-    """fused(weights) -> the tiny checkpoint exported with the fused decoder (fp32, or quantized from it)."""
-    made: dict = {}
-
-    def get(weights: str = "fp32"):
-        if weights not in made:
-            folder = tmp_path_factory.mktemp(f"fused-{weights}")
-            made[weights] = (export_bundle(checkpoint("tiny"), folder / "bundle", progress=lambda line: None,
-                                           decoder="fused") if weights == "fp32" else
-                             quantize_bundle(get("fp32"), folder / "bundle", weights, progress=lambda line: None))
-        return made[weights]
-
-    return get
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +48,7 @@ def profiled_step_nodes(path: Path, rows: int = 2, filled: int = 5) -> list[tupl
     feeds = {"input_ids": np.full((rows, 1), 7, dtype=np.int64),
              "audio_embeds": np.zeros((rows, 1, text["hidden_size"]), dtype=np.float32),
              "seqlens_k": np.full(rows, filled, dtype=np.int32), "total_sequence_length": np.array(filled + 1, np.int32),
-             "query_seqlens": np.ones(rows, dtype=np.int32), **{name: cache for name in past}}
+             **{name: cache for name in past}}
     session.run(["next_token"], feeds)  # the first run also records the session's set-up
     began = len(json.loads(Path(session.end_profiling()).read_text()))
     session = ort.InferenceSession(str(bundle.graph_path("decoder")), options, providers=["CPUExecutionProvider"])
@@ -195,10 +178,29 @@ def test_a_request_s_memory_is_its_own_rows(fused):
 
 @pytest.mark.parametrize("argv", [["transcribe", str(DATA / "en_16k_s16.wav"), "--model", "{bundle}", "--backend",
                                    "tensorrt"],
-                                  ["transcribe", str(DATA / "en_16k_s16.wav"), "--model", "{bundle}", "--backend",
-                                   "onnxruntime-cuda"],
                                   ["build", "{bundle}"]])
 def test_backends_that_bind_the_traced_graph_refuse_it_in_one_line(fused, capsys, argv):
     code = main([arg.format(bundle=fused()) for arg in argv])
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err and "--decoder traced" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("weights, precision, says", [("fp32", "fp32", "fp16 or bf16"), ("int8", "auto", "runs on the CPU")])
+def test_the_gpu_refuses_what_its_kernels_cannot_run_in_one_line(fused, capsys, weights, precision, says):
+    """GroupQueryAttention's CUDA kernels are fp16 and bf16 only; quantized fused decoders stay on the CPU."""
+    code = main(["transcribe", str(DATA / "en_16k_s16.wav"), "--model", str(fused(weights)), "--backend",
+                 "onnxruntime-cuda", "--precision", precision])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and says in err.strip().splitlines()[-1]
+
+
+def test_onnxruntime_cuda_without_onnxruntime_gpu_says_what_to_install(fused, capsys):
+    """One line before anything is derived into the bundle."""
+    from qasr.runtime.backends.onnxruntime_cuda import cuda_provider_available
+
+    if cuda_provider_available():
+        pytest.skip("onnxruntime-gpu's CUDA provider is installed here")
+    code = main(["transcribe", str(DATA / "en_16k_s16.wav"), "--model", str(fused()), "--backend", "onnxruntime-cuda"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and "pip install onnxruntime-gpu" in err.strip().splitlines()[-1]
+    assert not (fused() / "derived").exists()

@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from support import AUDIO, check_batch, check_parity
+from support import AUDIO, DATA, EOS, PROMPT_HEAD, PROMPT_TAIL, check_batch, check_parity
 from qasr.errors import BundleError, EngineError
+from qasr.export.precision import derive_bundle
 from qasr.runtime.align import Aligner
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
 from qasr.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend
+from qasr.runtime.backends.onnxruntime_cuda_fused import OnnxRuntimeCudaFusedBackend
+from qasr.runtime.backends.onnxruntime_fused import OnnxRuntimeFusedBackend
 from qasr.runtime.transcribe import Transcriber
 
 
@@ -29,6 +32,44 @@ def test_binding_on_the_cpu_device_steps_like_onnxruntime(bundle, speech):
     loaded = Bundle.load(bundle("tiny"))
     check_batch(OnnxRuntimeCudaBackend(loaded, device="cpu"), OnnxRuntimeBackend(loaded), speech)
     check_parity(OnnxRuntimeCudaBackend(loaded, device="cpu"), OnnxRuntimeBackend(loaded), speech, True, 1e-5)
+
+
+def test_fused_binding_on_the_cpu_device_equals_the_cpu_backend(fused, speech):
+    """The fused decoder's device path (inputs of its own refreshed in place, cache blocks bound by
+    slot, buckets with idle rows, a cache that only grows) on the CPU device: the CPU backend's ids,
+    batched and alone, and its logits."""
+    loaded = Bundle.load(fused())
+    check_batch(OnnxRuntimeCudaFusedBackend(loaded, precision="fp32", device="cpu"), OnnxRuntimeFusedBackend(loaded),
+                speech)
+    check_parity(OnnxRuntimeCudaFusedBackend(loaded, precision="fp32", device="cpu"), OnnxRuntimeFusedBackend(loaded),
+                 speech, True, 1e-6)
+
+
+def test_fused_device_cache_grows_keeping_every_slot_s_rows(fused):
+    """A cache that grows while two slots hold rows (slots up to a bucket, rows at least doubled)
+    decodes as one that was large from the start, on the CPU device."""
+    loaded = Bundle.load(fused())
+    ids = np.array([[151644, 8948, 198, 7, 8, 9, 151645, 198]], dtype=np.int64)
+    audio = np.zeros((1, 1, loaded.model["text"]["hidden_size"]), dtype=np.float32)
+
+    def run(first, then):
+        backend = OnnxRuntimeCudaFusedBackend(loaded, precision="fp32", device="cpu")
+        backend.reserve(first)
+        tokens = [backend.prefill(ids, audio, 0, 0), backend.prefill(ids[:, :5], audio, 1, 0)]
+        backend.reserve(then)
+        return backend.reserved, tokens + list(backend.step(np.array([5, 6]), np.array([0, 1]), np.array([8, 5])))
+
+    grown, expected = run((2, 16), (3, 20)), run((4, 64), (4, 64))
+    assert grown[0] == (4, 32) and grown[1] == expected[1]
+
+
+def test_fused_fp16_on_the_cpu_device_is_within_verify_s_limits(fused, speech, tmp_path):
+    """The derived fp16 fused decoder (what the GPU runs), here on the CPU provider: teacher-forced
+    logits against the fp32 fused graph within verify's limits (cosine, top-1)."""
+    loaded = own_copy(fused(), tmp_path)
+    derive_bundle(loaded, "fp16", progress=lambda line: None)
+    check_parity(OnnxRuntimeCudaFusedBackend(loaded, precision="fp16", device="cpu"), OnnxRuntimeFusedBackend(loaded),
+                 speech, False, 2e-2)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +98,10 @@ def clip(speech, tmp_path):
     return write
 
 
-def own_copy(bundle, preset: str, tmp_path) -> Bundle:
+def own_copy(source, tmp_path) -> Bundle:
     """A private copy of a bundle, for tests that derive graphs into it."""
-    path = tmp_path / preset
-    shutil.copytree(bundle(preset), path)
+    path = tmp_path / source.name
+    shutil.copytree(source, path)
     return Bundle.load(path)
 
 
@@ -89,7 +130,7 @@ def test_low_precision_passes_verify(gpu, bundle, clip, tmp_path, precision):
     graphs derived on first use and kept in the bundle."""
     from qasr.runtime.verify import verify
 
-    loaded = own_copy(bundle, "tiny", tmp_path)
+    loaded = own_copy(bundle("tiny"), tmp_path)
     audio = [clip(7.0), clip(19.0, start=1)]
     try:
         report = verify(str(loaded.path), audio, reference=str(loaded.path), backend="onnxruntime-cuda",
@@ -137,7 +178,7 @@ def test_the_aligner_on_the_gpu_equals_the_cpu(gpu, bundle, clip):
 def test_qasr_verify_on_onnxruntime_cuda_passes(gpu, bundle, clip, tmp_path, capsys, precision):
     from qasr.cli import main
 
-    loaded = own_copy(bundle, "tiny", tmp_path)
+    loaded = own_copy(bundle("tiny"), tmp_path)
     args = ["verify", str(loaded.path), str(clip(9.0)), "--reference", str(loaded.path),
             "--backend", "onnxruntime-cuda", "--precision", precision]
     assert main(args) == 0, capsys.readouterr()
@@ -161,3 +202,39 @@ def test_qasr_transcribe_on_onnxruntime_cuda_gives_the_cpu_s_ids(gpu, bundle, cl
         results.append(json.loads(out.out)["token_ids"])
         assert all(line.startswith("qasr: warning: ") for line in out.err.splitlines()), out.err
     assert results[0] == results[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_the_fused_decoder_on_the_gpu(gpu, fused, speech, tmp_path, precision):
+    """Every node of a step on the GPU, replayed as CUDA graphs: within verify's limits of the fp32
+    fused graph on the CPU, and batched decoding with replayed graphs gives the ids the same batches
+    give without graphs (the same kernels, launched one by one)."""
+    from qasr.runtime.batch import BatchDecoder
+    from qasr.runtime.decode import Sequence
+
+    loaded = own_copy(fused(), tmp_path)
+    graphs = OnnxRuntimeCudaFusedBackend(loaded, precision=precision)
+    check_parity(graphs, OnnxRuntimeFusedBackend(loaded), speech, False, 2e-2)
+    runs = []
+    for backend in (graphs, OnnxRuntimeCudaFusedBackend(loaded, precision=precision, cuda_graph=False)):
+        engine = BatchDecoder(backend, max_batch=3, prefill_chunk=64)
+        sequences = []
+        for i, seconds in enumerate((7.0, 2.5, 11.0, 4.0, 1.2)):
+            embeds = Transcriber(loaded, backend).encode(speech(seconds, start=i), 16000)
+            sequences.append(Sequence(PROMPT_HEAD + [AUDIO] * len(embeds) + PROMPT_TAIL, embeds, AUDIO, 8 + 4 * i, EOS))
+            engine.add(sequences[-1])
+        engine.run()
+        runs.append([s.result.tokens for s in sequences])
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.gpu
+def test_qasr_transcribe_runs_a_fused_bundle_on_the_gpu(gpu, fused, tmp_path, capsys):
+    """The command line picks the fused CUDA backend, derives fp16 once and prints a transcript."""
+    from qasr.cli import main
+
+    loaded = own_copy(fused(), tmp_path)
+    argv = ["transcribe", str(DATA / "en_16k_s16.wav"), "--model", str(loaded.path), "--backend", "onnxruntime-cuda"]
+    assert main(argv) == 0
+    assert (loaded.path / "derived" / "fp16").is_dir() and capsys.readouterr().out.strip()

@@ -33,7 +33,8 @@ from qasr.runtime.embed import WINDOW_BATCH
 
 ROOT = Path(__file__).parent.parent
 GPU_MODULES = ["qasr/runtime/backends/tensorrt_engines.py", "qasr/runtime/backends/cuda.py",
-               "qasr/runtime/backends/onnxruntime_cuda.py", "qasr/runtime/backends/select.py",
+               "qasr/runtime/backends/onnxruntime_cuda.py", "qasr/runtime/backends/onnxruntime_cuda_fused.py",
+               "qasr/runtime/backends/select.py",
                "qasr/runtime/backends/prepack.py", "qasr/export/tensorrt_build.py", "qasr/export/precision.py",
                "qasr/export/quantize.py", "qasr/runtime/verify.py"]
 MYPY_CONFIG = """

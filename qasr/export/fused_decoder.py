@@ -40,6 +40,7 @@ from qasr.models.config import ModelConfig, load_config
 from qasr.models.decoder import rope_inv_freq
 
 OPSET = 20
+IR_VERSION = 9  # what the traced graphs carry; onnx's default (14 in onnx 1.23) is refused by ONNX Runtime 1.31
 MS = "com.microsoft"
 LAYOUT = "slots"  # manifest value: one cache slot [kvh, P, hd] per batch row, per layer and kind
 QK_NORMS = ("branchwise", "attention")
@@ -122,9 +123,9 @@ def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
 
 
 def check_fusable(config: ModelConfig) -> None:
-    """GroupQueryAttention's kernels take head sizes in multiples of 8 (the released models' 128)."""
-    if config.is_aligner or config.text.head_dim % 8:
-        what = "an aligner" if config.is_aligner else f"head_dim {config.text.head_dim} (not a multiple of 8)"
+    """GroupQueryAttention with rotary takes head sizes in multiples of 16 (the released models' 128)."""
+    if config.is_aligner or config.text.head_dim % 16:
+        what = "an aligner" if config.is_aligner else f"head_dim {config.text.head_dim} (not a multiple of 16)"
         raise UsageError(f"the fused decoder cannot be built for {what}; export with --decoder traced")
 
 
@@ -142,7 +143,8 @@ def build_fused_decoder(checkpoint: str | Path, path: Path, qk_norm: str = "bran
         weights.close()
     model = helper.make_model(
         helper.make_graph(nodes, "qasr_fused_decoder", _inputs(config), _outputs(config), weights.tensors),
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], producer_name="qasr")
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], producer_name="qasr",
+        ir_version=IR_VERSION)
     onnx.save_model(model, str(path))  # not onnx.checker: it knows no SimplifiedLayerNormalization; ORT loads it
     contract = graph_contract(model)
     return {"file": path.name, "data": [data.name], "layout": LAYOUT, "qk_norm": qk_norm, **contract}
@@ -156,7 +158,6 @@ def _inputs(config: ModelConfig) -> list:
             helper.make_tensor_value_info("audio_embeds", TensorProto.FLOAT, ["batch", "audio", t.hidden_size]),
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
             helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-            helper.make_tensor_value_info("query_seqlens", TensorProto.INT32, ["batch"]),
             *[helper.make_tensor_value_info(name, TensorProto.FLOAT, cache) for name in past]]
 
 
@@ -238,19 +239,19 @@ class _Builder:
         qkv = self.matmul(f"l{i}/qkv", x, [attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight"])
         q_norm, k_norm = self.read(attn + "q_norm.weight"), self.read(attn + "k_norm.weight")
         extra: dict = {}
-        norm_inputs = ["", ""]
+        inputs = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
+                  "rope.cos", "rope.sin"]
         if self.qk_norm == "branchwise":
             qk, v = self.node("Split", [qkv, self.const(f"l{i}/split", np.array([(heads + kvh) * hd, kvh * hd]))],
                               [f"l{i}/qk", f"l{i}/v"], f"l{i}/split", axis=-1)
             scale = self.const(f"{attn}qk_norm.weight", np.concatenate([np.tile(q_norm, heads), np.tile(k_norm, kvh)]))
             self.node("BranchwiseRMSNorm", [qk, scale], [f"l{i}/qk_normed"], f"l{i}/qk_norm",
                       num_branches=heads + kvh, epsilon=t.rms_norm_eps)
-            qkv = self.node("Concat", [f"l{i}/qk_normed", v], [f"l{i}/qkv_normed"], f"l{i}/concat", axis=-1)[0]
+            inputs[0] = self.node("Concat", [f"l{i}/qk_normed", v], [f"l{i}/qkv_normed"], f"l{i}/concat", axis=-1)[0]
         else:
-            norm_inputs = [self.const(attn + "q_norm.weight", q_norm), self.const(attn + "k_norm.weight", k_norm)]
+            inputs += ["", "", "", "", "", self.const(attn + "q_norm.weight", q_norm),
+                       self.const(attn + "k_norm.weight", k_norm)]
             extra = {"qk_norm_epsilon": t.rms_norm_eps}
-        inputs = [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
-                  "rope.cos", "rope.sin", "", "", "", "", "", *norm_inputs, "query_seqlens"]
         self.node("GroupQueryAttention", inputs, [f"l{i}/attn", f"present_key_{i}", f"present_value_{i}"],
                   f"l{i}/attention", num_heads=heads, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0,
                   scale=float(hd**-0.5), **extra)

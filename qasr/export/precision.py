@@ -80,12 +80,53 @@ def derive_bundle(bundle: Bundle, precision: str, progress: Callable[[str], None
         for graph in bundle.manifest["graphs"]:
             int4 = weights == "int4" and graph in ("decoder", "aligner")
             progress(f"deriving {precision}{' with int4 weights' if int4 else ''} {graph}")
+            if bundle.fused_decoder and graph == "decoder":
+                entry = bundle.manifest["graphs"][graph]
+                contracts[graph] = _derive_fused(bundle.graph_path(graph), staging / f"{graph}.onnx", precision,
+                                                 weights) | {key: entry[key] for key in ("layout", "qk_norm")}
+                continue
             contracts[graph] = derive_graph(bundle.graph_path(graph), staging / f"{graph}.onnx", precision,
                                             layers if graph == "encoder" else 0, int4_weights=int4)
         record = {"precision": precision, "weights": weights, "dialect": "portable", "qasr_version": __version__,
                   "source_sha256": bundle.manifest["source"]["sha256"], "graphs": contracts}
         (staging / DERIVED_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
     return out
+
+
+def _derive_fused(src: Path, dst: Path, precision: str, weights: str) -> dict:
+    """The fused decoder (one cache slot per row) for ONNX Runtime's CUDA provider, in fp16 or bf16:
+    its GroupQueryAttention kernels take no other type.
+
+    Simpler than the traced graphs' pass: the fused graph holds no index math in floats (positions
+    and masks live inside GroupQueryAttention), so every float tensor takes the low type, weights
+    and cache included, but for the ends. The audio splice stays fp32 (the token rows are cast up
+    before it, the spliced rows down after it: the CUDA provider has no bf16 Where), and `logits`
+    leave as fp32 (cast after the head; the argmax reads the cast), so the host never handles a low
+    type. The RMS norms keep fp32 statistics inside the ops either way.
+    """
+    if precision not in ("fp16", "bf16") or weights != "fp32":
+        raise BundleError(f"{src.parent}: its fused decoder is derived in fp16 or bf16 for onnxruntime-cuda (its "
+                          f"GroupQueryAttention kernels take no other type), not {derived_name(precision, weights)}")
+    low = LOW_TYPES[precision]
+    model = onnx.load(str(src), load_external_data=False)
+    unalias_shared_weights(model)  # only the CPU repacks the head: elsewhere one name serves gather and head
+    graph = model.graph
+    for value in [*graph.input, *graph.output]:
+        if value.name.startswith(("past_", "present_")):
+            value.type.tensor_type.elem_type = low
+    for name, to in (("token_rows", FLOAT), ("embeds", low), ("logits", FLOAT)):  # qasr.export.fused_decoder's names
+        _cast_after(graph, name, to)
+    write_weights(model, src.parent, dst, {t.name: low for t in graph.initializer if t.data_type == FLOAT})
+    onnx.save_model(model, str(dst))
+    return {"file": dst.name, "data": [dst.name + ".data"], **graph_contract(model)}
+
+
+def _cast_after(graph: onnx.GraphProto, name: str, to: int) -> None:
+    """Tensor `name` becomes a Cast to `to` of what its producer now writes under `name`/raw."""
+    producer = next(i for i, node in enumerate(graph.node) if name in node.output)
+    raw = f"{name}/raw"
+    graph.node[producer].output[:] = [raw if output == name else output for output in graph.node[producer].output]
+    graph.node.insert(producer + 1, helper.make_node("Cast", [raw], [name], name=f"{name}/cast", to=to))
 
 
 def derive_graph(src: Path, dst: Path, precision: str, encoder_layers: int = 0, int4_weights: bool = False) -> dict:

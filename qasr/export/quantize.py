@@ -422,8 +422,8 @@ def _row_parts(node: onnx.NodeProto, inits: dict[str, TensorProto], part_bytes: 
     Only nodes whose every weight input lies in the data file can be split into views."""
     if node.op_type != "MatMulNBits" or node.input[1] not in inits:
         return []
-    weights = [inits.get(name) for name in node.input[1:]]
-    if any(w is None or w.data_location != TensorProto.EXTERNAL for w in weights):
+    weights = [inits[name] for name in node.input[1:] if name in inits]
+    if len(weights) < len(node.input) - 1 or any(w.data_location != TensorProto.EXTERNAL for w in weights):
         return []
     length = int(next(e.value for e in weights[0].external_data if e.key == "length"))
     if length <= part_bytes:

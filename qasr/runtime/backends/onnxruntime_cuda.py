@@ -61,6 +61,13 @@ def cuda_provider_available() -> bool:
     return PROVIDERS["cuda"] in ort.get_available_providers()
 
 
+def require_cuda_provider() -> None:
+    """One line, before anything is derived or loaded, where onnxruntime-gpu is missing."""
+    if not cuda_provider_available():
+        raise EngineError("onnxruntime-gpu with the CUDA execution provider is not installed "
+                          "(pip install onnxruntime-gpu, and uninstall onnxruntime)")
+
+
 def gpu_precision(bundle: Bundle, precision: str) -> str:
     """The graphs `precision` runs on this bundle. `auto`: GPU_AUTO for an fp32 bundle whose GPU_AUTO
     graphs exist or can be derived here (onnx installed, the bundle writable), else the bundle's own."""
@@ -100,9 +107,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         self.graph_dir = bundle.path if precision == "fp32" else derived_dir(bundle, precision)
         self.device, self.device_id = device, device_id
         if device == "cuda":
-            if not cuda_provider_available():
-                raise EngineError("onnxruntime-gpu with the CUDA execution provider is not installed "
-                                  "(pip install onnxruntime-gpu, and uninstall onnxruntime)")
+            require_cuda_provider()
             quiet_onnxruntime()
             self.cuda = Cuda()
             self.stream = self.cuda.stream()
@@ -128,14 +133,17 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
         return [trt, cuda, "CPUExecutionProvider"]
 
     def _session(self, name: str) -> ort.InferenceSession:
+        return self._open(name, self.providers)
+
+    def _open(self, name: str, providers: list) -> ort.InferenceSession:
         path = self.graph_dir / self.graphs[name]["file"]
         if not path.is_file():
             raise BundleError(f"{path}: missing")
         try:
-            session = ort.InferenceSession(str(path), self.options, providers=self.providers)
+            session = ort.InferenceSession(str(path), self.options, providers=providers)
         except Exception as exc:  # ORT raises its own exception types, all with a message
             raise BundleError(f"{path}: ONNX Runtime {ort.__version__} cannot load it on "
-                              f"{self.providers[0] if isinstance(self.providers[0], str) else self.providers[0][0]}"
+                              f"{providers[0] if isinstance(providers[0], str) else providers[0][0]}"
                               f" ({first_line(exc)})") from None
         if self.device == "cuda" and PROVIDERS["cuda"] not in session.get_providers():
             raise EngineError("onnxruntime-gpu could not start its CUDA provider (its CUDA 13 and cuDNN 9 "
@@ -290,6 +298,7 @@ def usable(bundle: Bundle) -> bool:
 
 def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
     """The bundle's graphs at `precision` (auto: gpu_precision), derived on first use if need be."""
+    require_cuda_provider()
     chosen = gpu_precision(bundle, precision)
     if chosen != "fp32":
         derive_graphs(bundle, chosen, progress)

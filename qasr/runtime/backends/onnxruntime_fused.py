@@ -3,8 +3,11 @@
 The cache is one slot per request: per layer and kind a block [slots, kvh, P, hd], of which a
 batch binds its first `n` slots as GroupQueryAttention's past and present buffers at once, so
 the op reads and appends K/V rows in place (no new_kv output, no host copy). A decode step runs
-every slot up to the highest one in use; a slot that is free or kept for a stream between its
-steps is an idle row (`query_seqlens` 0: its cache is left as it is).
+every slot up to the highest one in use. A slot that is free, or kept for a stream between its
+steps, is an idle row: it "appends" one row past the rows it holds, which is free by definition
+(each slot has one row more than `reserve` was asked for, so even a full slot has it). ONNX
+Runtime 1.31's GroupQueryAttention, the CUDA build's, has no per-row count of new tokens that
+could leave a row out.
 
 Each request's memory is still sized by its own need: the block is an anonymous mapping whose
 pages the kernel supplies on first write (MAP_NORESERVE: the address space of `slots x P` rows
@@ -27,6 +30,7 @@ from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
 from qasr.runtime.bundle import Bundle
 
 MAP_NORESERVE = 0x4000  # Linux's flag (Python's mmap module names it only from 3.13)
+SPARE_ROWS = 1  # per slot, past the reserved rows: where a full slot's idle row writes
 
 
 def _mapped_zeros(shape: tuple[int, ...]) -> tuple[np.ndarray, mmap.mmap | None]:
@@ -59,7 +63,7 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
         if self.cache is not None and self.reserved == (slots, rows):
             return
         layers, two, _, heads, _, dim = self.cache_shape
-        cache, mapping = _mapped_zeros((layers, two, slots, heads, rows, dim))
+        cache, mapping = _mapped_zeros((layers, two, slots, heads, rows + SPARE_ROWS, dim))
         if keep and self.cache is not None:
             for slot, filled in self.filled.items():
                 if slot < slots:
@@ -69,7 +73,7 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
 
     @property
     def reserved(self):
-        return (0, 0) if self.cache is None else (self.cache.shape[2], self.cache.shape[4])
+        return (0, 0) if self.cache is None else (self.cache.shape[2], self.cache.shape[4] - SPARE_ROWS)
 
     def _bind(self, batch: int, new: int, first: int = 0) -> FusedCall:
         """A decoder call over slots [first, first + batch) with its own host buffers."""
@@ -77,11 +81,10 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
         layers = self.cache_shape[0]
         vocab = self.bundle.manifest["graphs"]["decoder"]["outputs"]["logits"]["shape"][1]
         call = FusedCall(np.zeros((batch, new), dtype=np.int64), np.zeros((batch, 1, self.hidden_size), np.float32),
-                         np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32),
-                         np.zeros(batch, dtype=np.int32), np.zeros(batch, dtype=np.int64),
+                         np.zeros(batch, dtype=np.int32), np.zeros((), dtype=np.int32), np.zeros(batch, dtype=np.int64),
                          np.zeros((batch, vocab), dtype=np.float32), self.sessions["decoder"].io_binding())
         inputs = {"input_ids": call.ids, "audio_embeds": call.audio, "seqlens_k": call.seqlens,
-                  "total_sequence_length": call.total, "query_seqlens": call.new}
+                  "total_sequence_length": call.total}
         for name, array in inputs.items():
             call.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
         for layer in range(layers):
@@ -106,7 +109,7 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
         call.ids[:] = input_ids
         call.binding.bind_ortvalue_input("audio_embeds", ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(audio_embeds, dtype=np.float32)))
-        call.seqlens[0], call.total[()], call.new[0] = position + new - 1, position + new, new
+        call.seqlens[0], call.total[()] = position + new - 1, position + new
         self.sessions["decoder"].run_with_iobinding(call.binding, self.shrink)
         self.filled[start] = max(self.filled.get(start, 0), position + new)
         self.logits = call.logits
@@ -120,9 +123,10 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
         if batch not in self.calls:
             self.calls[batch] = self._bind(batch, 1)
         call = self.calls[batch]
-        call.ids[:], call.seqlens[:], call.new[:] = 0, 0, 0  # idle rows: nothing read past row 0, nothing written
-        call.ids[starts, 0], call.seqlens[starts], call.new[starts] = ids, positions, 1
-        call.total[()] = int(positions.max()) + 1
+        call.ids[:] = 0
+        call.seqlens[:] = [self.filled.get(slot, 0) for slot in range(batch)]  # idle rows: one past their own
+        call.ids[starts, 0], call.seqlens[starts] = ids, positions
+        call.total[()] = int(call.seqlens.max()) + 1
         self.sessions["decoder"].run_with_iobinding(call.binding)
         for slot, position in zip(starts, positions):
             self.filled[int(slot)] = max(self.filled.get(int(slot), 0), int(position) + 1)
@@ -142,7 +146,6 @@ class FusedCall:
     audio: np.ndarray
     seqlens: np.ndarray
     total: np.ndarray
-    new: np.ndarray
     next_token: np.ndarray
     logits: np.ndarray
     binding: ort.IOBinding

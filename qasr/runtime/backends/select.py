@@ -14,7 +14,8 @@ from types import ModuleType
 
 from qasr.errors import UsageError
 from qasr.progress import Progress, say
-from qasr.runtime.backends import onnxruntime_cpu, onnxruntime_cuda, onnxruntime_fused, tensorrt_engines
+from qasr.runtime.backends import (onnxruntime_cpu, onnxruntime_cuda, onnxruntime_cuda_fused, onnxruntime_fused,
+                                  tensorrt_engines)
 from qasr.runtime.backends.interface import PRECISIONS, Backend
 from qasr.runtime.bundle import Bundle
 
@@ -35,7 +36,7 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = No
     `precision` is the GPU's compute type: TensorRT's engines have theirs from `qasr build`; on
     onnxruntime-cuda, fp16 and bf16 graphs are derived from the fp32 ones on first use and kept in
     the bundle (auto: an fp32 bundle's fp16 graphs). The CPU runs the bundle's graphs only, and a
-    fused decoder (one cache slot per batch row) has a contract only the CPU backend binds."""
+    fused decoder (one cache slot per batch row) has a contract only the ONNX Runtime backends bind."""
     if backend not in CHOICES:
         raise UsageError(f"unknown backend {backend!r} (choose from {', '.join(CHOICES)})")
     if precision not in PRECISIONS:
@@ -45,10 +46,18 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = No
 
 def _module(bundle: Bundle, backend: str) -> ModuleType:
     if bundle.fused_decoder:
-        if backend not in ("auto", "onnxruntime"):
-            raise UsageError(f"{bundle.path}: its fused decoder runs on the onnxruntime backend only; "
-                             "export with --decoder traced for " + backend)
-        return onnxruntime_fused
+        return _fused_module(bundle, backend)
     if backend != "auto":
         return BACKENDS[backend]
     return next(module for module in BACKENDS.values() if module.usable(bundle))
+
+
+def _fused_module(bundle: Bundle, backend: str) -> ModuleType:
+    """A fused decoder (one cache slot per batch row) has a contract only the ONNX Runtime backends
+    bind: the CUDA provider's where it can run (auto), else the CPU's."""
+    if backend == "tensorrt":
+        raise UsageError(f"{bundle.path}: its fused decoder runs on ONNX Runtime (onnxruntime, onnxruntime-cuda); "
+                         "export with --decoder traced for tensorrt")
+    if backend == "onnxruntime-cuda" or (backend == "auto" and onnxruntime_cuda_fused.usable(bundle)):
+        return onnxruntime_cuda_fused
+    return onnxruntime_fused
