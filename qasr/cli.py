@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--decoder", choices=["traced", "fused"], default="traced",
                         help="the decoder graph: traced from the PyTorch model (every backend), or fused from "
                              "the checkpoint's tensors (ONNX Runtime's GroupQueryAttention; the onnxruntime "
-                             "backend; needs --out)")
+                             "and onnxruntime-cuda backends; needs --out)")
     export.add_argument("--prepack", action="store_true",
                         help="also save the graphs with their weights packed for this CPU and ONNX Runtime "
                              "(a faster cold start here; other machines use the portable graphs)")

@@ -42,7 +42,8 @@ from qasr.memory import status_kb  # noqa: E402
 BEGIN, END = "<!-- export:begin -->", "<!-- export:end -->"
 RUN_MEMORY = {"0.6b": 4.5e9, "1.7b": 12e9}  # what the fp32 bundle's run needs free (ONNX Runtime packs every weight)
 RUNS = ("fp32", "int8", "int4", "int4-fused")
-LABELS = {"int8": "int8 (fp32 encoder)", "int4": "int4 (int8 encoder)", "int4-fused": "int4, fused decoder (int8 encoder)"}
+LABELS = {"int8": "int8 (fp32 encoder)", "int4": "int4 (int8 encoder)",
+          "int4-fused": "int4, fused decoder (int8 encoder)"}
 
 
 def main() -> int:
@@ -53,7 +54,7 @@ def main() -> int:
     from bench_quant import build_peer  # scripts/ is this script's own directory
 
     from qasr.bench.docs import publish
-    from qasr.bench.harness import DEFAULT_CACHE, speech_file
+    from qasr.bench.harness import DEFAULT_CACHE, describe_machine, speech_file
 
     args.cache = args.cache or DEFAULT_CACHE / "export"
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -61,6 +62,8 @@ def main() -> int:
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     audio = speech_file(args.cache, 10)
     peer = build_peer(args.cache)
+    if not args.report:
+        record["machine"] = describe_machine()  # the run's own, load at its start included
     for model in [] if args.report else args.models:
         for key, step in steps(model, args.cache, audio, peer, args):
             if key not in record:
@@ -170,8 +173,9 @@ def report(record: dict, args) -> str:
         "## The 1.7B on a small machine: bounded export, quantization, run time",
         "",
         f"{datetime.date.today()}, `python scripts/bench_export.py --models {' '.join(args.models)}` "
-        f"({args.threads} threads). {describe_machine()}. The machine was shared with other engineers' jobs while "
-        "this ran (every figure is from one run; compare within a table). Full-size random checkpoints "
+        f"({args.threads} threads). {record.get('machine') or describe_machine()}: a load average at start of 2 "
+        "or less means the machine was this benchmark's alone, more that other jobs shared it (compare within a "
+        "table). Full-size random checkpoints "
         "(bf16, the released shapes); random weights give flat logits: speed and memory, not accuracy.",
         "",
         "| model | step | time | peak memory | result |",

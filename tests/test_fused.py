@@ -185,7 +185,8 @@ def test_backends_that_bind_the_traced_graph_refuse_it_in_one_line(fused, capsys
     assert code != 0 and "Traceback" not in err and "--decoder traced" in err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("weights, precision, says", [("fp32", "fp32", "fp16 or bf16"), ("int8", "auto", "runs on the CPU")])
+@pytest.mark.parametrize("weights, precision, says", [("fp32", "fp32", "fp16 or bf16"),
+                                                      ("int8", "auto", "runs on the CPU")])
 def test_the_gpu_refuses_what_its_kernels_cannot_run_in_one_line(fused, capsys, weights, precision, says):
     """GroupQueryAttention's CUDA kernels are fp16 and bf16 only; quantized fused decoders stay on the CPU."""
     code = main(["transcribe", str(DATA / "en_16k_s16.wav"), "--model", str(fused(weights)), "--backend",

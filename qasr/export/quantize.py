@@ -395,7 +395,8 @@ def split_wide_matmuls(path: Path, part_bytes: int = PART_BYTES) -> None:
         changed = True
         outputs = []
         for i, (start, rows) in enumerate(parts):
-            views = [_row_view(inits[name], start, rows, _attr(node, "N"), f"{name}.rows{i}") for name in node.input[1:]]
+            views = [_row_view(inits[name], start, rows, _attr(node, "N"), f"{name}.rows{i}")
+                     for name in node.input[1:]]
             model.graph.initializer.extend(views)
             outputs.append(f"{node.output[0]}/rows{i}")
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} | {"N": rows}

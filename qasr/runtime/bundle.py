@@ -102,7 +102,7 @@ class Bundle:
     @property
     def fused_decoder(self) -> bool:
         """Whether the decoder is the fused graph (docs/graphs.md, "decoder (fused)"): one cache
-        slot per batch row, ONNX Runtime's ops; only the onnxruntime backend runs it."""
+        slot per batch row, ONNX Runtime's ops; the ONNX Runtime backends run it, TensorRT does not."""
         return self.manifest["graphs"].get("decoder", {}).get("layout") == "slots"
 
     def graph_path(self, name: str) -> Path:

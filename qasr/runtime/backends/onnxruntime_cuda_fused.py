@@ -127,7 +127,8 @@ class OnnxRuntimeCudaFusedBackend(OnnxRuntimeCudaBackend):
         binding.bind_ortvalue_input("input_ids", call.ids)
         binding.bind_ortvalue_input("seqlens_k", call.seqlens)
         binding.bind_ortvalue_input("audio_embeds", audio)
-        binding.bind_ortvalue_input("total_sequence_length", ort.OrtValue.ortvalue_from_numpy(np.array(total, np.int32)))
+        total_value = ort.OrtValue.ortvalue_from_numpy(np.array(total, np.int32))  # read on the host by the op
+        binding.bind_ortvalue_input("total_sequence_length", total_value)
         self._bind_slots(binding, first, batch)
         binding.bind_ortvalue_output("next_token", call.next_token[0])
         binding.bind_ortvalue_output("logits", call.logits)
