@@ -45,6 +45,21 @@ def test_fused_binding_on_the_cpu_device_equals_the_cpu_backend(fused, speech):
                  speech, True, 1e-6)
 
 
+def test_fused_stream_on_the_cpu_device_equals_the_cpu_backend(fused, speech):
+    """A stream keeps its slot's rows between steps (an idle row while other calls run) and cuts
+    segments: the device path's events are the CPU fused backend's, one for one."""
+    loaded = Bundle.load(fused())
+    wave = np.concatenate([speech(9.0), np.zeros(8000, dtype=np.float32), speech(13.0, start=1)])
+    runs = []
+    for backend in (OnnxRuntimeCudaFusedBackend(loaded, precision="fp32", device="cpu"),
+                    OnnxRuntimeFusedBackend(loaded)):
+        stream = Transcriber(loaded, backend).stream(max_new_tokens=12, segment_seconds=10)
+        events = [e for start in range(0, len(wave), 12000) for e in stream.feed(wave[start : start + 12000])]
+        runs.append([(e.chunk, e.text, e.committed) for e in events + stream.finish()])
+    assert runs[0] == runs[1]
+    assert len(runs[0]) >= 10
+
+
 def test_fused_device_cache_grows_keeping_every_slot_s_rows(fused):
     """A cache that grows while two slots hold rows (slots up to a bucket, rows at least doubled)
     decodes as one that was large from the start, on the CPU device."""
