@@ -205,3 +205,17 @@ def test_onnxruntime_cuda_without_onnxruntime_gpu_says_what_to_install(fused, ca
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err and "pip install onnxruntime-gpu" in err.strip().splitlines()[-1]
     assert not (fused() / "derived").exists()
+
+
+def test_a_fused_bundle_from_before_the_1_31_graph_is_refused_in_one_line(fused, tmp_path, capsys):
+    """Its decoder wants `query_seqlens`, which no backend binds now: re-export, says one line."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(fused(), old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["graphs"]["decoder"]["inputs"]["query_seqlens"] = {"dtype": "int32", "shape": ["batch"]}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    code = main(["transcribe", str(DATA / "en_16k_s16.wav"), "--model", str(old), "--backend", "onnxruntime"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and "export it again" in err.strip().splitlines()[-1]

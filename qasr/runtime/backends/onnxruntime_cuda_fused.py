@@ -38,7 +38,7 @@ from qasr.progress import Progress
 from qasr.runtime.backends import onnxruntime_cuda
 from qasr.runtime.backends.interface import Backend
 from qasr.runtime.backends.onnxruntime_cuda import PROVIDERS, OnnxRuntimeCudaBackend
-from qasr.runtime.backends.onnxruntime_fused import SPARE_ROWS
+from qasr.runtime.backends.onnxruntime_fused import SPARE_ROWS, check_contract
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.resolve import derive_graphs
 
@@ -226,6 +226,7 @@ def usable(bundle: Bundle) -> bool:
 
 def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
     """The fused decoder derived in `precision` (auto: FUSED_GPU_AUTO) on first use."""
+    check_contract(bundle)
     if bundle.manifest.get("weights"):
         raise UsageError(f"{bundle.path}: its {bundle.manifest['precision']} fused decoder runs on the CPU; on the GPU "
                          "run the fp32 fused bundle it came from (fp16 or bf16 graphs are derived from it)")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from qasr.errors import EngineError, UsageError
+from qasr.errors import BundleError, EngineError, UsageError
 from qasr.progress import Progress
 from qasr.runtime.backends.interface import Backend
 from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
@@ -151,8 +151,17 @@ class FusedCall:
     binding: ort.IOBinding
 
 
+def check_contract(bundle: Bundle) -> None:
+    """Fused decoders exported before the graph dropped `query_seqlens` (to load in ONNX Runtime
+    1.31) cannot be bound by these backends: one line saying how to get a current one."""
+    if "query_seqlens" in bundle.manifest["graphs"]["decoder"]["inputs"]:
+        raise BundleError(f"{bundle.path}: its fused decoder was exported by an earlier qasr; export it again "
+                          "(qasr export CHECKPOINT --out DIR --decoder fused)")
+
+
 def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
-    """A fused bundle (its decoder has one cache slot per row) runs here, on the CPU provider, only."""
+    """A fused bundle (its decoder has one cache slot per row) on the CPU provider."""
+    check_contract(bundle)
     if precision not in ("auto", "fp32"):
         raise UsageError(f"--precision {precision} is for the GPU backends; a fused bundle runs on the CPU")
     return OnnxRuntimeFusedBackend(bundle, threads=threads)
