@@ -1,6 +1,6 @@
 """The GPU check: on a CUDA machine, run the GPU tests and time ONNX Runtime's CUDA provider.
 
-    python scripts/gpu_check.py [--cache DIR] [--skip-tests] [--json FILE]
+    python scripts/gpu_check.py [--cache DIR] [--skip-tests] [--columns fp16 fused-fp16 ...] [--json FILE]
 
 It makes a full-size random Qwen3-ASR-0.6B in the official layout (once, in the cache), exports
 its fp32 bundle with the traced decoder and with the fused one, runs `pytest -m gpu` (no official
@@ -35,8 +35,9 @@ from qasr.bench.docs import DOC, write_section  # noqa: E402
 from qasr.bench.harness import prepare, speech_file  # noqa: E402
 from qasr.errors import QasrError  # noqa: E402
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-FUSED_PRECISIONS = ("fp16", "bf16")  # GroupQueryAttention's CUDA kernels take no other type
+# column -> (decoder, precision); the fused decoder runs fp16 and bf16 only (GroupQueryAttention's CUDA kernels)
+COLUMNS = {"fp32": ("traced", "fp32"), "fp16": ("traced", "fp16"), "bf16": ("traced", "bf16"),
+           "fused-fp16": ("fused", "fp16"), "fused-bf16": ("fused", "bf16")}
 SECONDS = (10, 60)
 BATCHES = (1, 8, 32)
 STEPS = 64  # decode steps timed per batch size
@@ -50,6 +51,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "qasr-bench")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--columns", nargs="+", choices=COLUMNS, default=list(COLUMNS),
+                        help="which decoder and precision columns to measure (default: all)")
     parser.add_argument("--json", type=Path, help="also write every figure here")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--rehearse", action="store_true",
@@ -61,16 +64,20 @@ def main() -> int:
     say(f"{facts['gpu']} (sm {facts['compute_capability']}), onnxruntime {facts['onnxruntime']}")
     began = time.perf_counter()
     checkpoint, bundle = prepare("tiny" if args.rehearse else "0.6b", args.cache)
-    fused = fused_bundle(checkpoint, bundle)
+    bundles = {"traced": bundle}
+    if any(column.startswith("fused") for column in args.columns):
+        bundles["fused"] = fused_bundle(checkpoint, bundle)
     facts["prepare_s"] = time.perf_counter() - began
     facts["tests"] = None if args.skip_tests else run_tests()
     device = "cpu" if args.rehearse else "cuda"
-    facts["precisions"] = {p: guarded(measure, bundle, p, args.cache, device) for p in PRECISIONS}
-    facts["precisions"].update({f"fused {p}": guarded(measure, fused, p, args.cache, device) for p in FUSED_PRECISIONS})
-    text = report(facts)
-    write_section(args.doc, BEGIN, END, text)
-    if args.json:
-        args.json.write_text(json.dumps(facts, indent=1, default=float), encoding="utf-8")
+    facts["precisions"] = {}
+    for column in args.columns:  # written after each column: a run cut short by a time limit keeps what it measured
+        decoder, precision = COLUMNS[column]
+        facts["precisions"][column.replace("-", " ")] = guarded(measure, bundles[decoder], precision, args.cache, device)
+        text = report(facts)
+        write_section(args.doc, BEGIN, END, text)
+        if args.json:
+            args.json.write_text(json.dumps(facts, indent=1, default=float), encoding="utf-8")
     print(text)
     return 0
 
@@ -338,8 +345,17 @@ def report(facts: dict) -> str:
                   f"(exit status {tests['status']}).", ""]
         lines += [f"- {line}" for line in tests["skipped"]] + ([""] if tests["skipped"] else [])
     runs = {p: r for p, r in facts["precisions"].items() if "error" not in r}
-    header = "| figure | " + " | ".join(runs) + " |"
-    lines += [header, "|---|" + "---|" * len(runs)]
+    if runs:
+        lines += table(runs, bandwidth)
+    for precision, run in facts["precisions"].items():
+        if "error" in run:
+            lines += ["", f"{precision}: does not run on this provider: {run['error']}"]
+    return "\n".join(lines)
+
+
+def table(runs: dict, bandwidth: float | None) -> list[str]:
+    """One column per decoder and precision that ran, one row per figure."""
+    lines = ["| figure | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
 
     def row(name: str, value) -> None:
         lines.append(f"| {name} | " + " | ".join(value(r) for r in runs.values()) + " |")
@@ -366,10 +382,7 @@ def report(facts: dict) -> str:
     row("audio embeddings, relative error vs CPU", lambda r: f"{r['ids']['embed_rel_error']:.1e}")
     row("`qasr verify` (10 s, 48 tokens)", lambda r: {True: "passes", False: "FAILS", None: "-"}[r["verify"]["passed"]])
     row("graphs derived on first use, s; sessions loaded, s", lambda r: f"{r['derive_s']:.1f}; {r['load_s']:.1f}")
-    for precision, run in facts["precisions"].items():
-        if "error" in run:
-            lines += ["", f"{precision}: does not run on this provider: {run['error']}"]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":
