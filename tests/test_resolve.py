@@ -57,6 +57,28 @@ def test_a_bundle_is_used_as_it_is(bundle, cache):
     assert not (cache / "bundles").exists()
 
 
+def test_quantized_first_use_on_the_cpu_takes_the_fused_decoder(own_checkpoint, checkpoint, cache):
+    """int8/int4 weights bound for ONNX Runtime's CPU provider get the fused decoder (faster there);
+    for a GPU, fp32, an aligner, or a head size GroupQueryAttention does not take (tiny-untied's 12),
+    the first use exports the traced graph."""
+    from qasr.runtime.backends.onnxruntime_fused import OnnxRuntimeFusedBackend
+    from qasr.runtime.bundle import Bundle
+    from qasr.runtime.transcribe import Transcriber
+
+    quiet = {"progress": lambda line: None}
+    tiny = checkpoint("tiny")
+    fused = resolve_model(tiny, weights="int4", on_cpu=True, **quiet)
+    traced = resolve_model(tiny, weights="int4", **quiet)
+    assert fused.name.endswith("-int4-fused") and Bundle.load(fused).fused_decoder
+    assert traced.name.endswith("-int4") and not Bundle.load(traced).fused_decoder
+    assert not Bundle.load(resolve_model(tiny, on_cpu=True, **quiet)).fused_decoder
+    for other, kind in ((checkpoint("tiny-aligner"), "aligner"), (own_checkpoint, "asr")):
+        assert resolve_model(other, kind, weights="int4", on_cpu=True, **quiet).name.endswith("-int4")
+    model = Transcriber.load(tiny, backend="onnxruntime", weights="int4")
+    assert model.bundle.path == fused and isinstance(model.backend, OnnxRuntimeFusedBackend)
+    assert model.transcribe(EN, max_new_tokens=4).token_ids
+
+
 def test_a_checkpoint_is_exported_once_and_reused(own_checkpoint, cache, bundle):
     said, progress = lines()
     first = resolve_model(own_checkpoint, progress=progress)

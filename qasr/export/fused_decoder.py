@@ -123,8 +123,8 @@ def rope_tables(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
 
 
 def check_fusable(config: ModelConfig) -> None:
-    """GroupQueryAttention with rotary takes head sizes in multiples of 16 (the released models' 128)."""
-    if config.is_aligner or config.text.head_dim % 16:
+    """One line for a model the fused graph cannot be built for (ModelConfig.fusable)."""
+    if not config.fusable:
         what = "an aligner" if config.is_aligner else f"head_dim {config.text.head_dim} (not a multiple of 16)"
         raise UsageError(f"the fused decoder cannot be built for {what}; export with --decoder traced")
 

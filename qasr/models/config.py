@@ -101,6 +101,12 @@ class ModelConfig:
         return self.model_type == ALIGNER_MODEL_TYPE
 
     @property
+    def fusable(self) -> bool:
+        """Whether the fused decoder graph can be built: an ASR model whose head size GroupQueryAttention's
+        rotary kernels take (multiples of 16; the released models' 128)."""
+        return not self.is_aligner and self.text.head_dim % 16 == 0
+
+    @property
     def head_rows(self) -> int:
         """Rows of the output head: the vocabulary, or the aligner's time classes."""
         return self.classify_num if self.is_aligner else self.text.vocab_size

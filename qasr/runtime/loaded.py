@@ -11,7 +11,7 @@ from typing import ClassVar, TypeVar
 
 from qasr.errors import BundleError
 from qasr.runtime.backends.interface import Backend
-from qasr.runtime.backends.select import open_backend
+from qasr.runtime.backends.select import gpu_backend_usable, open_backend
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.resolve import resolve_model
 from qasr.runtime.tokenizer import Tokenizer
@@ -38,9 +38,12 @@ class LoadedModel:
              weights: str = "fp32", encoder_weights: str = "fp32", precision: str = "auto") -> Loaded:
         """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`),
         by default the class's `default`; a checkpoint is exported to a bundle at `weights` (and
-        `encoder_weights`) once, on first use, and cached. `precision` is the GPU's compute type
+        `encoder_weights`) once, on first use, and cached, with the fused decoder where quantized
+        weights will run on the CPU (resolve_model's `on_cpu`). `precision` is the GPU's compute type
         (auto, fp32, fp16, bf16; see open_backend)."""
-        loaded = Bundle.load(resolve_model(model or cls.default, cls.kind, weights, encoder_weights=encoder_weights))
+        on_cpu = backend == "onnxruntime" or (backend == "auto" and not gpu_backend_usable())
+        loaded = Bundle.load(resolve_model(model or cls.default, cls.kind, weights, encoder_weights=encoder_weights,
+                                           on_cpu=on_cpu))
         return cls(loaded, open_backend(loaded, backend, threads, precision))
 
     @property

@@ -46,19 +46,24 @@ EXPORT_HINT = ('pip install "qwen3-asr-edge[export]", or run `qasr export` on a 
 
 
 def resolve_model(spec: str | os.PathLike, kind: str = "asr", weights: str = "fp32",
-                  progress: Progress = say, encoder_weights: str = "fp32") -> Path:
+                  progress: Progress = say, encoder_weights: str = "fp32", on_cpu: bool = False) -> Path:
     """The bundle directory for `spec`: a bundle itself, or the cached export of a checkpoint or hub id
     at `weights` (and `encoder_weights`).
 
     `kind` ("asr" or "aligner") is checked on a checkpoint's config before a minute is spent
-    exporting the wrong model.
+    exporting the wrong model. `on_cpu`: the bundle will run on ONNX Runtime's CPU provider, so
+    quantized weights take the fused decoder where the model has one (a decode step in 0.7-0.8x the
+    traced graph's time in int4: docs/benchmarks.md, "Fused decoder on the CPU"); elsewhere the
+    traced graph, which every backend binds.
     """
     path = Path(spec)
     if (path / MANIFEST).is_file():
         return path
     checkpoint = checkpoint_dir(str(spec))
     _check_kind(checkpoint, kind)
-    return cached_export(checkpoint, weights, progress, name=str(spec), encoder_weights=encoder_weights)
+    fused = on_cpu and weights != "fp32" and load_config(checkpoint).fusable
+    return cached_export(checkpoint, weights, progress, name=str(spec), encoder_weights=encoder_weights,
+                         decoder="fused" if fused else "traced")
 
 
 def checkpoint_dir(spec: str) -> Path:
@@ -99,14 +104,15 @@ def _check_kind(checkpoint: Path, kind: str) -> None:
 
 
 def cached_export(checkpoint: Path, weights: str = "fp32", progress: Progress = say, name: str | None = None,
-                  encoder_weights: str = "fp32") -> Path:
-    """The cache entry for `checkpoint` at `weights` (and `encoder_weights`), exported under its lock
-    if missing or damaged.
+                  encoder_weights: str = "fp32", decoder: str = "traced") -> Path:
+    """The cache entry for `checkpoint` at `weights` (and `encoder_weights`) with the `decoder` graph,
+    exported under its lock if missing or damaged.
 
     `name` is what the user called it (a hub id rather than its snapshot path), for the messages."""
     digest = checkpoint_digest(checkpoint)
     root = writable_dir(cache_dir() / "bundles", "the model cache")
     precision = weights if encoder_weights == "fp32" else f"{weights}-encoder-{encoder_weights}"
+    precision += "-fused" if decoder == "fused" else ""
     entry = root / f"{digest[:16]}-{precision}"
     if _entry_problem(entry, digest, precision) is None:
         return entry
@@ -117,11 +123,12 @@ def cached_export(checkpoint: Path, weights: str = "fp32", progress: Progress = 
         if problem != "missing":
             progress(f"the cached bundle {entry} is {problem}; exporting it again")
             shutil.rmtree(entry)
-        _export_entry(checkpoint, entry, digest, (weights, encoder_weights), progress, name or str(checkpoint))
+        _export_entry(checkpoint, entry, digest, (weights, encoder_weights, decoder), progress,
+                      name or str(checkpoint))
     return entry
 
 
-def _export_entry(checkpoint: Path, entry: Path, digest: str, weights: tuple[str, str], progress: Progress,
+def _export_entry(checkpoint: Path, entry: Path, digest: str, weights: tuple[str, str, str], progress: Progress,
                   name: str) -> None:
     try:
         from qasr.export.onnx_export import export_bundle
@@ -129,12 +136,12 @@ def _export_entry(checkpoint: Path, entry: Path, digest: str, weights: tuple[str
         raise UsageError(f"{name}: a checkpoint, not a qasr bundle; exporting it needs the export extra: "
                          f"{EXPORT_HINT}") from None
     precision = entry.name.split("-", 1)[1]
-    memory, disk = preflight(checkpoint, entry.parent, *weights, name=name)
+    memory, disk = preflight(checkpoint, entry.parent, *weights[:2], name=name)
     progress(f"first use of {name}: exporting it to ONNX ({precision}) into {entry}; this takes minutes, once, "
              f"and needs about {gb(memory)} of memory and {gb(disk)} of disk")
     with tempfile.TemporaryDirectory(dir=entry.parent, prefix=f".{entry.name}.") as tmp:
         staged = export_bundle(checkpoint, Path(tmp) / "bundle", progress=progress, weights=weights[0],
-                               encoder_weights=weights[1])
+                               encoder_weights=weights[1], decoder=weights[2])
         record = {"sha256": digest, "weights": precision, "files": _sizes(staged)}
         (staged / ENTRY_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
         staged.rename(entry)

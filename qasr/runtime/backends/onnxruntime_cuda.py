@@ -286,6 +286,10 @@ class DeviceCall:
 
 
 def usable(bundle: Bundle) -> bool:
+    return device_usable()
+
+
+def device_usable() -> bool:
     """onnxruntime-gpu with its CUDA provider, cuda-python, and a visible device."""
     if not cuda_provider_available():
         return False

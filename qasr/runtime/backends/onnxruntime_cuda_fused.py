@@ -221,7 +221,7 @@ class FusedDeviceCall:
 
 def usable(bundle: Bundle) -> bool:
     """An fp32 fused bundle (the quantized ones run on the CPU) where the CUDA provider can run."""
-    return not bundle.manifest.get("weights") and onnxruntime_cuda.usable(bundle)
+    return not bundle.manifest.get("weights") and onnxruntime_cuda.device_usable()
 
 
 def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:

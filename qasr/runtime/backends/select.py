@@ -44,6 +44,12 @@ def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = No
     return _module(bundle, backend).load(bundle, threads, precision, progress or say)
 
 
+def gpu_backend_usable() -> bool:
+    """Whether `auto` could run a traced bundle on a GPU here (TensorRT needs engines built first, so
+    ONNX Runtime's CUDA provider decides): what a first-use export is made for."""
+    return onnxruntime_cuda.device_usable()
+
+
 def _module(bundle: Bundle, backend: str) -> ModuleType:
     if bundle.fused_decoder:
         return _fused_module(bundle, backend)
