@@ -75,11 +75,12 @@ def precision(bundle: Path) -> str:
     """How the bundle's weights are stored, as `qasr export` names it."""
     from qasr.runtime.bundle import Bundle
 
-    manifest = Bundle.load(bundle).manifest
+    loaded = Bundle.load(bundle)
+    manifest, fused = loaded.manifest, " (fused)" if loaded.fused_decoder else ""
     weights = manifest.get("weights") or {}
     if not weights:
-        return manifest["precision"]
-    return f"{manifest['precision']} decoder, int{weights['encoder']['bits']} encoder"
+        return manifest["precision"] + fused
+    return f"{manifest['precision']} decoder{fused}, int{weights['encoder']['bits']} encoder"
 
 
 def load(bundle: Path, threads: int):
