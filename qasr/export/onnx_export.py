@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -66,7 +67,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, w
             progress(f"exporting {name}")
             precision = encoder_weights if name in ("encoder", "projector") else weights
             if name == "decoder" and decoder == "fused":
-                contracts[name], setting = export_fused(checkpoint, staging / f"{name}.onnx", precision)
+                contracts[name], setting = export_fused(checkpoint, staging / f"{name}.onnx", precision, progress)
                 settings.update({name: setting} if setting is not None else {})
                 continue
             graph = export(stand_in, staging / f"{name}.onnx")
@@ -83,7 +84,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, w
     return out
 
 
-def export_fused(checkpoint: Path, path: Path, precision: str) -> tuple[dict, dict | None]:
+def export_fused(checkpoint: Path, path: Path, precision: str,
+                 progress: Callable[[str], None] = print) -> tuple[dict, dict | None]:
     """The fused decoder, built from the checkpoint's tensors (no tracing); for int8/int4 built
     beside the bundle first, then quantized weight by weight like a traced graph. Its contract keeps
     the cache layout it was built with."""
@@ -91,6 +93,7 @@ def export_fused(checkpoint: Path, path: Path, precision: str) -> tuple[dict, di
         return build_fused_decoder(checkpoint, path), None
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         built = build_fused_decoder(checkpoint, Path(tmp) / path.name)
+        progress(f"quantizing decoder to {precision}")
         contract, setting = quantize_graph(StreamedGraph.from_file(Path(tmp) / path.name), path, SCHEMES[precision])
     return {**contract, "layout": built["layout"], "qk_norm": built["qk_norm"]}, setting
 
