@@ -4,9 +4,10 @@
 
 New sentences from the model's word lists, spoken by espeak-ng with the voice and speed its
 training never used (qasr.models.demo_data.held_out_clips). The same clips go through: the fp32
-bundle on ONNX Runtime, int8 weights, int4 weights with the int8 encoder, `qasr stream` (default
+bundle on ONNX Runtime, int8 weights, int4 weights with the int8 encoder, the fused decoder (fp32,
+and int4 with the int8 encoder), `qasr stream` (default
 segments and --segment-seconds 0), `qasr serve` through the openai SDK, and the official qwen-asr
-package loading the checkpoint; then `qasr verify --text` of the int8 and int4 bundles; then the
+package loading the checkpoint; then `qasr verify --text` of the quantized bundles; then the
 same clips with quiet around them or heard twice (`margins`), as a microphone delivers speech. CER is
 over all clips together (qasr.runtime.verify.corpus_cer: lowercase, no punctuation, CJK unspaced).
 Writes the "Demo model" section of docs/benchmarks.md.
@@ -35,6 +36,7 @@ from qasr.cli import main as qasr_main  # noqa: E402
 from qasr.export.onnx_export import export_bundle  # noqa: E402
 from qasr.export.quantize import quantize_bundle  # noqa: E402
 from qasr.models.demo_data import LANGUAGES, held_out_clips, join, with_quiet  # noqa: E402
+from qasr.runtime.bundle import Bundle  # noqa: E402
 from qasr.runtime.transcribe import Transcriber  # noqa: E402
 from qasr.runtime.verify import corpus_cer, verify  # noqa: E402
 
@@ -157,9 +159,13 @@ def main() -> int:
         clips = held_out_clips(MODEL, work, args.count, args.seed)
         truth = [t for _, _, t in clips]
         fp32 = export_bundle(MODEL, work / "fp32", progress=lambda line: None)
+        fused = export_bundle(MODEL, work / "fused", progress=lambda line: None, decoder="fused")
         bundles = {"int8": quantize_bundle(fp32, work / "int8", "int8", progress=lambda line: None),
                    "int4 + int8 encoder": quantize_bundle(fp32, work / "int4", "int4", encoder_weights="int8",
-                                                          progress=lambda line: None)}
+                                                          progress=lambda line: None),
+                   "fused decoder, fp32": fused,
+                   "fused decoder, int4 + int8 encoder (a quantized first use on the CPU)": quantize_bundle(
+                       fused, work / "fused-int4", "int4", encoder_weights="int8", progress=lambda line: None)}
         rows = []
         base = offline(fp32, clips, args.threads)
         languages = sum(lang == want for (lang, _), (_, want, _) in zip(base, clips))
@@ -181,7 +187,7 @@ def main() -> int:
                      f"{sum(a == b for a, b in zip(got, base))}/{len(clips)} identical (language and text) to qasr"))
         paths = [path for path, _, _ in clips]
         checks = {name: verify(str(bundle), paths, texts=truth, backend="onnxruntime", threads=args.threads)
-                  for name, bundle in bundles.items()}
+                  for name, bundle in bundles.items() if Bundle.load(bundle).manifest.get("weights")}
         examples = [(lang, text, got) for (_, lang, text), (_, got) in zip(clips[:4], base[:4])]
         quiet = margins(fp32, clips, args.threads)
     text = report(args, started, rows, checks, examples, quiet)
