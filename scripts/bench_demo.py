@@ -164,7 +164,7 @@ def main() -> int:
                    "int4 + int8 encoder": quantize_bundle(fp32, work / "int4", "int4", encoder_weights="int8",
                                                           progress=lambda line: None),
                    "fused decoder, fp32": fused,
-                   "fused decoder, int4 + int8 encoder (a quantized first use on the CPU)": quantize_bundle(
+                   "fused decoder, int4 + int8 encoder": quantize_bundle(
                        fused, work / "fused-int4", "int4", encoder_weights="int8", progress=lambda line: None)}
         rows = []
         base = offline(fp32, clips, args.threads)
