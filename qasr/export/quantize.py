@@ -165,11 +165,12 @@ def quantize_graph(graph: StreamedGraph, dst: Path, scheme: Scheme) -> tuple[dic
         quantize_matmuls(graph, out, scheme)
         aliases = quantize_gathers(graph, out, scheme)
         graph.save(dst, out)
-    _write_aliases(dst, aliases)
-    split_wide_matmuls(dst)
+    saved = onnx.load(str(dst), load_external_data=False)  # the graph as written, its weights in the data file
+    _add_aliases(saved, aliases, dst)
+    split_wide_matmuls(saved)
+    onnx.save_model(saved, str(dst))
     if not any(node.op_type == "SimplifiedLayerNormalization" for node in model.graph.node):
         onnx.checker.check_model(str(dst))  # it knows no ORT ops in the ONNX domain (the fused decoder's)
-    saved = onnx.load(str(dst), load_external_data=False)
     settings = {**asdict(scheme), "format": "MatMulNBits",
                 "quantized": _count_ops(saved), "tied_table_stored_once": bool(aliases)}
     return {"file": dst.name, "data": [data.name], **graph_contract(saved)}, settings
@@ -355,11 +356,8 @@ def quantize_gathers(graph: StreamedGraph, out: DataFile, scheme: Scheme) -> dic
     return aliases
 
 
-def _write_aliases(path: Path, aliases: dict[str, str]) -> None:
+def _add_aliases(model: onnx.ModelProto, aliases: dict[str, str], path: Path) -> None:
     """Give each tied gather its 2-D name over the head's packed bytes in the data file."""
-    if not aliases:
-        return
-    model = onnx.load(str(path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     for alias, packed_name in aliases.items():
         packed = inits[packed_name]
@@ -370,10 +368,9 @@ def _write_aliases(path: Path, aliases: dict[str, str]) -> None:
         tensor.data_location = TensorProto.EXTERNAL
         tensor.external_data.extend(packed.external_data)
         model.graph.initializer.append(tensor)
-    onnx.save_model(model, str(path))
 
 
-def split_wide_matmuls(path: Path, part_bytes: int = PART_BYTES) -> None:
+def split_wide_matmuls(model: onnx.ModelProto, part_bytes: int = PART_BYTES) -> None:
     """Each MatMulNBits whose packed weight passes `part_bytes` (the head: 155 MB in int4 on the 1.7B)
     -> one per range of its output rows, over views of the same bytes, outputs concatenated.
 
@@ -384,7 +381,6 @@ def split_wide_matmuls(path: Path, part_bytes: int = PART_BYTES) -> None:
     external data at an offset into the same file, as the tied gather's alias is, so nothing is
     stored twice and each output column is the same dot product as before.
     """
-    model = onnx.load(str(path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
     nodes, changed = [], False
     for node in model.graph.node:
@@ -411,7 +407,6 @@ def split_wide_matmuls(path: Path, part_bytes: int = PART_BYTES) -> None:
     kept = [t for t in model.graph.initializer if t.name in used]
     model.graph.ClearField("initializer")
     model.graph.initializer.extend(kept)
-    onnx.save_model(model, str(path))
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:

@@ -41,7 +41,7 @@ class LoadedModel:
         `encoder_weights`) once, on first use, and cached, with the fused decoder where quantized
         weights will run on the CPU (resolve_model's `on_cpu`). `precision` is the GPU's compute type
         (auto, fp32, fp16, bf16; see open_backend)."""
-        on_cpu = backend == "onnxruntime" or (backend == "auto" and not gpu_backend_usable())
+        on_cpu = weights != "fp32" and (backend == "onnxruntime" or (backend == "auto" and not gpu_backend_usable()))
         loaded = Bundle.load(resolve_model(model or cls.default, cls.kind, weights, encoder_weights=encoder_weights,
                                            on_cpu=on_cpu))
         return cls(loaded, open_backend(loaded, backend, threads, precision))

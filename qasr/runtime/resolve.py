@@ -31,7 +31,7 @@ from qasr.errors import BundleError, CheckpointError, EngineError, QasrError, Us
 from qasr.jsonfile import read_record
 from qasr.memory import available_memory, gb
 from qasr.models.checkpoint import expected_shapes, parameter_counts
-from qasr.models.config import load_config
+from qasr.models.config import ModelConfig, load_config
 from qasr.models.digest import checkpoint_digest
 from qasr.progress import Progress, say
 from qasr.runtime.bundle import MANIFEST, Bundle, derived_dir, derived_is_current
@@ -60,8 +60,9 @@ def resolve_model(spec: str | os.PathLike, kind: str = "asr", weights: str = "fp
     if (path / MANIFEST).is_file():
         return path
     checkpoint = checkpoint_dir(str(spec))
-    _check_kind(checkpoint, kind)
-    fused = on_cpu and weights != "fp32" and load_config(checkpoint).fusable
+    config = load_config(checkpoint)
+    _check_kind(checkpoint, config, kind)
+    fused = on_cpu and weights != "fp32" and config.fusable
     return cached_export(checkpoint, weights, progress, name=str(spec), encoder_weights=encoder_weights,
                          decoder="fused" if fused else "traced")
 
@@ -96,8 +97,8 @@ def hub_snapshot(spec: str) -> Path:
 
 
 
-def _check_kind(checkpoint: Path, kind: str) -> None:
-    found = "aligner" if load_config(checkpoint).is_aligner else "asr"
+def _check_kind(checkpoint: Path, config: ModelConfig, kind: str) -> None:
+    found = "aligner" if config.is_aligner else "asr"
     if found != kind:
         names = {"asr": "a speech recognition checkpoint", "aligner": "a forced-aligner checkpoint"}
         raise BundleError(f"{checkpoint}: {names[found]}, not {names[kind]}")

@@ -38,7 +38,7 @@ from qasr.progress import Progress
 from qasr.runtime.backends import onnxruntime_cuda
 from qasr.runtime.backends.interface import Backend
 from qasr.runtime.backends.onnxruntime_cuda import PROVIDERS, OnnxRuntimeCudaBackend
-from qasr.runtime.backends.onnxruntime_fused import SPARE_ROWS, check_contract
+from qasr.runtime.backends.onnxruntime_fused import SPARE_ROWS, SlotRows, check_contract
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.resolve import derive_graphs
 
@@ -58,7 +58,7 @@ class OnnxRuntimeCudaFusedBackend(OnnxRuntimeCudaBackend):
         super().__init__(bundle, precision=precision, provider="cuda", device=device, device_id=device_id,
                          threads=threads)
         self.max_rows = bundle.model["text"]["max_position_embeddings"] - SPARE_ROWS  # the rope tables' length
-        self.filled: dict[int, int] = {}  # slot -> rows written (what a grown cache keeps)
+        self.written = SlotRows()
         self.calls: dict[int, FusedDeviceCall] = {}  # bucket -> the decode step's bound values
         self.graph_ids = itertools.count(1)  # ORT keeps a captured graph per id: a new cache takes new ids
         self.last_call: tuple[FusedDeviceCall, np.ndarray] | None = None
@@ -94,7 +94,7 @@ class OnnxRuntimeCudaFusedBackend(OnnxRuntimeCudaBackend):
         if keep and old is not None:
             self._keep(old, old_array)
         else:
-            self.filled = {}
+            self.written = SlotRows()
 
     def _keep(self, old: ort.OrtValue, old_array: np.ndarray | None) -> None:
         """Every slot's rows of the old cache into the new one (the same slots, longer or more)."""
@@ -110,11 +110,6 @@ class OnnxRuntimeCudaFusedBackend(OnnxRuntimeCudaBackend):
             geometry = (offset, new_rows * dim * size, rows * dim * size, rows * dim * size, slots * heads)
             self.cuda.write_rows(self.cache_value.data_ptr(), source, geometry, self.stream)
         self.cuda.sync(self.stream)
-
-    def _check(self, slot: int, end: int) -> None:
-        slots, rows = self.reserved
-        if slot >= slots or end > rows:
-            raise EngineError(f"decoder call up to row {end} of slot {slot}, past the {slots} x {rows} reserved")
 
     def _bind(self, batch: int, new: int, first: int, audio: ort.OrtValue, total: int) -> FusedDeviceCall:
         """A decoder call over slots [first, first + batch): inputs of its own, cache blocks in place."""
@@ -158,7 +153,7 @@ class OnnxRuntimeCudaFusedBackend(OnnxRuntimeCudaBackend):
     def prefill(self, input_ids, audio_embeds, start, position):
         """`start` is the request's slot; its rows before `position` are already in the cache."""
         new = input_ids.shape[1]
-        self._check(start, position + new)
+        self.written.check(self.reserved, start, position + new)
         audio = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(audio_embeds, dtype=np.float32),
                                                  self.device, self.device_id)
         call = self._bind(1, new, start, audio, position + new)
@@ -166,14 +161,14 @@ class OnnxRuntimeCudaFusedBackend(OnnxRuntimeCudaBackend):
         call.seqlens.update_inplace(np.array([position + new - 1], dtype=np.int32))
         call.options = self._graph_options(-1)
         token = self._run(call)
-        self.filled[start] = max(self.filled.get(start, 0), position + new)
+        self.written.wrote(start, position + new)
         self.last_call = (call, np.zeros(1, dtype=np.int64))
         return int(token[0])
 
     def step(self, ids, starts, positions):
         starts, positions = np.asarray(starts), np.asarray(positions)
         for slot, position in zip(starts, positions):
-            self._check(int(slot), int(position) + 1)
+            self.written.check(self.reserved, int(slot), int(position) + 1)
         slots = self.reserved[0]
         batch = min(slots, next((b for b in BUCKETS if b > int(starts.max())), slots))
         if batch not in self.calls:
@@ -182,13 +177,12 @@ class OnnxRuntimeCudaFusedBackend(OnnxRuntimeCudaBackend):
             self.calls[batch].options = self._graph_options(next(self.graph_ids))
         call = self.calls[batch]
         feed_ids = np.zeros((batch, 1), dtype=np.int64)
-        seqlens = np.array([self.filled.get(slot, 0) for slot in range(batch)], dtype=np.int32)  # idle: one past
-        feed_ids[starts, 0], seqlens[starts] = ids, positions
+        feed_ids[starts, 0] = ids
         call.ids.update_inplace(feed_ids)
-        call.seqlens.update_inplace(seqlens)
+        call.seqlens.update_inplace(self.written.step_seqlens(batch, starts, positions))
         tokens = self._run(call)
         for slot, position in zip(starts, positions):
-            self.filled[int(slot)] = max(self.filled.get(int(slot), 0), int(position) + 1)
+            self.written.wrote(int(slot), int(position) + 1)
         self.last_call = (call, starts)
         return tokens[starts].copy()
 

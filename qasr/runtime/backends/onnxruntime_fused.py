@@ -45,6 +45,30 @@ def _mapped_zeros(shape: tuple[int, ...]) -> tuple[np.ndarray, mmap.mmap | None]
     return np.frombuffer(block, dtype=np.float32).reshape(shape), block
 
 
+class SlotRows:
+    """The rows each cache slot holds, as both fused backends (this one and the CUDA one) keep them:
+    what a grown cache keeps, the bounds every call is checked against, and where an idle row's
+    step writes."""
+
+    def __init__(self) -> None:
+        self.filled: dict[int, int] = {}  # slot -> rows written
+
+    def check(self, reserved: tuple[int, int], slot: int, end: int) -> None:
+        slots, rows = reserved
+        if slot >= slots or end > rows:
+            raise EngineError(f"decoder call up to row {end} of slot {slot}, past the {slots} x {rows} reserved")
+
+    def wrote(self, slot: int, end: int) -> None:
+        self.filled[slot] = max(self.filled.get(slot, 0), end)
+
+    def step_seqlens(self, batch: int, starts: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """`seqlens_k` of a step over slots [0, batch): a stepping slot's position; an idle row the
+        rows its slot holds, so that its step appends one row past them, which nothing reads."""
+        seqlens = np.array([self.filled.get(slot, 0) for slot in range(batch)], dtype=np.int32)
+        seqlens[starts] = positions
+        return seqlens
+
+
 class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
     """The CPU (or any ORT provider's) backend over a fused bundle; `starts` are slot indices."""
 
@@ -53,7 +77,7 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
     def __init__(self, bundle, threads: int | None = None, providers: list | None = None):
         super().__init__(bundle, threads, providers)
         self.mapping: mmap.mmap | None = None
-        self.filled: dict[int, int] = {}  # slot -> rows written (what a grown cache must copy)
+        self.written = SlotRows()
         self.logits: np.ndarray | None = None
         self.calls: dict[int, FusedCall] = {}  # batch size -> the decode step's bound buffers
 
@@ -65,10 +89,10 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
         layers, two, _, heads, _, dim = self.cache_shape
         cache, mapping = _mapped_zeros((layers, two, slots, heads, rows + SPARE_ROWS, dim))
         if keep and self.cache is not None:
-            for slot, filled in self.filled.items():
+            for slot, filled in self.written.filled.items():
                 if slot < slots:
                     cache[:, :, slot, :, :min(filled, rows)] = self.cache[:, :, slot, :, :min(filled, rows)]
-        self.filled = {s: f for s, f in self.filled.items() if keep and s < slots}
+        self.written.filled = {s: f for s, f in self.written.filled.items() if keep and s < slots}
         self.cache, self.mapping, self.calls = cache, mapping, {}
 
     @property
@@ -96,40 +120,34 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
         call.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(call.logits))
         return call
 
-    def _check(self, slot: int, end: int) -> None:
-        slots, rows = self.reserved
-        if slot >= slots or end > rows:
-            raise EngineError(f"decoder call up to row {end} of slot {slot}, past the {slots} x {rows} reserved")
-
     def prefill(self, input_ids, audio_embeds, start, position):
         """`start` is the request's slot; its rows before `position` are already in the cache."""
         new = input_ids.shape[1]
-        self._check(start, position + new)
+        self.written.check(self.reserved, start, position + new)
         call = self._bind(1, new, first=start)
         call.ids[:] = input_ids
         call.binding.bind_ortvalue_input("audio_embeds", ort.OrtValue.ortvalue_from_numpy(
             np.ascontiguousarray(audio_embeds, dtype=np.float32)))
         call.seqlens[0], call.total[()] = position + new - 1, position + new
         self.sessions["decoder"].run_with_iobinding(call.binding, self.shrink)
-        self.filled[start] = max(self.filled.get(start, 0), position + new)
+        self.written.wrote(start, position + new)
         self.logits = call.logits
         return int(call.next_token[0])
 
     def step(self, ids, starts, positions):
         starts, positions = np.asarray(starts), np.asarray(positions)
         for slot, position in zip(starts, positions):
-            self._check(int(slot), int(position) + 1)
+            self.written.check(self.reserved, int(slot), int(position) + 1)
         batch = int(starts.max()) + 1
         if batch not in self.calls:
             self.calls[batch] = self._bind(batch, 1)
         call = self.calls[batch]
         call.ids[:] = 0
-        call.seqlens[:] = [self.filled.get(slot, 0) for slot in range(batch)]  # idle rows: one past their own
-        call.ids[starts, 0], call.seqlens[starts] = ids, positions
+        call.ids[starts, 0], call.seqlens[:] = ids, self.written.step_seqlens(batch, starts, positions)
         call.total[()] = int(call.seqlens.max()) + 1
         self.sessions["decoder"].run_with_iobinding(call.binding)
         for slot, position in zip(starts, positions):
-            self.filled[int(slot)] = max(self.filled.get(int(slot), 0), int(position) + 1)
+            self.written.wrote(int(slot), int(position) + 1)
         self.logits = call.logits[starts]
         return call.next_token[starts]
 
