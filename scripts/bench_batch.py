@@ -80,7 +80,8 @@ def precision(bundle: Path) -> str:
     weights = manifest.get("weights") or {}
     if not weights:
         return manifest["precision"] + fused
-    return f"{manifest['precision']} decoder{fused}, int{weights['encoder']['bits']} encoder"
+    encoder = f"int{weights['encoder']['bits']}" if "encoder" in weights else "fp32"
+    return f"{manifest['precision']} decoder{fused}, {encoder} encoder"
 
 
 def load(bundle: Path, threads: int):
