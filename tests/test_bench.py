@@ -65,9 +65,9 @@ def test_resident_memory_now_and_at_its_peak():
 
 
 def test_export_benchmark_worker_loads_only_the_runtime():
-    """scripts/bench_export.py's worker is the process whose peak memory the benchmark reports, so it
-    must weigh what a user's does: importing the script loads neither torch nor the exporter (the
-    harness's imports), which would add 0.2 GB to that peak."""
+    """scripts/bench_export.py's worker is the process whose cold start the benchmark reports, so it
+    must start as a user's does: importing the script loads neither torch nor the exporter (the
+    harness's imports), whose import would add seconds to that cold start."""
     root = Path(__file__).parent.parent
     probe = ("import sys; sys.path.insert(0, 'scripts'); import bench_export\n"
              "print(sorted({'torch', 'qasr.export.onnx_export', 'qasr.bench.harness'} & set(sys.modules)))")
