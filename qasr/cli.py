@@ -21,7 +21,7 @@ from qasr.models.checkpoint import check_checkpoint, parameter_counts
 from qasr.models.config import ModelConfig, load_config
 from qasr.runtime.align import Aligner
 from qasr.runtime.backends.interface import PRECISIONS
-from qasr.runtime.backends.onnxruntime_cpu import session_options
+from qasr.runtime.backends.onnxruntime_cpu import session_options, share_threads
 from qasr.runtime.backends.prepack import write_prepacked
 from qasr.runtime.backends.select import CHOICES
 from qasr.runtime.bundle import MANIFEST, Bundle
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    if hasattr(args, "threads"):  # a command that runs models: this process is qasr's own
+        share_threads(args.threads)
     try:
         return args.run(args) or 0
     except QasrError as exc:

@@ -39,9 +39,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_batch import BUNDLES, CACHE, ensure_bundle, precision  # noqa: E402
+
 from qasr.bench.docs import DOC, write_section  # noqa: E402
 from qasr.bench.harness import describe_machine, measure_bandwidth  # noqa: E402
 from qasr.memory import rss_gb  # noqa: E402
+from qasr.runtime.backends.onnxruntime_cpu import share_threads  # noqa: E402
 from qasr.runtime.audio import SAMPLE_RATE  # noqa: E402
 from qasr.runtime.batch import greedy_decode  # noqa: E402
 from qasr.runtime.embed import embed_audio  # noqa: E402
@@ -219,6 +221,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--qasr-only", action="store_true", help="time qasr's Stream alone (no peers)")
     args = parser.parse_args()
+    share_threads(2)  # one pool for every session, as in `qasr stream` and the server
     wave = speech(args.seconds)
     bandwidth = measure_bandwidth(2)
     runs = []

@@ -16,6 +16,18 @@ def model_cache(tmp_path_factory):
     return os.environ["QASR_CACHE"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def per_session_pools():
+    """The CLI's commands, run in this process, would make ONNX Runtime's process-wide thread pool,
+    after which ORT refuses the tests' own sessions (default options): one pool per session here.
+    tests/test_threads.py runs the shared pool in processes of its own."""
+    import os
+
+    from qasr.runtime.backends.onnxruntime_cpu import PER_SESSION
+
+    os.environ[PER_SESSION] = "per-session"
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(preset, seed=0) -> path of a random checkpoint directory (cached per session)."""

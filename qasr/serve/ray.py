@@ -29,6 +29,7 @@ from ray.serve._private import replica
 from starlette.middleware import Middleware
 
 from qasr.errors import UsageError, first_line
+from qasr.runtime.backends.onnxruntime_cpu import share_threads
 from qasr.serve.app import create_app
 from qasr.serve.openai_api import ApiError
 from qasr.serve.server import announce
@@ -47,6 +48,7 @@ class Replica:
 
     async def __init__(self, options: Options):  # type: ignore[misc]  # Serve awaits an async constructor
         _bind_grpc_to_node()
+        share_threads(options.threads)  # the replica's process is this model's alone
         self.service = Service(options)
         self.service.start_loading()
         while self.service.state == "loading":

@@ -16,6 +16,7 @@ buffers, but a prefill, whose activations are many times a step's, shrinks it ag
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,10 +42,42 @@ def session_options(threads: int | None, optimize: bool = True, arena: bool = Tr
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if _shared_pool:
+        options.use_per_session_threads = False  # the size is the process pool's (share_threads)
+        return options
     options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = threads
     return options
+
+
+_shared_pool = False  # whether this process's sessions run in ORT's global pools (share_threads)
+PER_SESSION = "QASR_THREAD_POOL"  # =per-session keeps one pool per session even where a command would share one
+
+
+def share_threads(threads: int | None) -> None:
+    """Run every ONNX Runtime session qasr opens from now on in one process-wide pool of `threads`.
+
+    A recording alternates graphs (encoder, projector, decoder: every stream step, every request a
+    server adds between decode steps), and with a pool per session the workers of the graph that just
+    ran keep spinning on the cores the next one needs: two decoders stepping in turn on 2 cores took
+    28-32 ms a step each on their own pools, 15-16 ms on one (docs/benchmarks.md, "One thread pool
+    per process", for streams and batches).
+
+    Only for a process qasr owns (its commands and server replicas call this): once the pool exists,
+    ONNX Runtime refuses every session of the process made without use_per_session_threads=False,
+    other code's included. So the library never makes it on its own, and `QASR_THREAD_POOL=per-session`
+    opts out. Where other code of the process made the pools already, qasr's sessions join them
+    (ORT allows nothing else then), at that code's size.
+    """
+    global _shared_pool
+    if _shared_pool or os.environ.get(PER_SESSION) == "per-session":
+        return
+    try:
+        ort.set_global_thread_pool_sizes(threads or 0, 1)  # 0: ORT's default, a thread per core
+    except Exception:  # ORT's Fail: the pools exist already, and then they are the only ones allowed
+        pass
+    _shared_pool = True
 
 
 class Sessions:
