@@ -205,8 +205,9 @@ def report(record: dict, args) -> str:
     lines = [
         "## The 1.7B on a small machine: bounded export, quantization, run time",
         "",
-        f"{datetime.date.today()}, `python scripts/bench_export.py --models {' '.join(args.models)}` "
-        f"({args.threads} threads). {record.get('machine') or describe_machine()}: a load average at start of 2 "
+        f"{datetime.date.today()}, `python scripts/bench_export.py --models {' '.join(args.models)} --rounds "
+        f"{args.rounds}` ({args.threads} threads). {record.get('machine') or describe_machine()}: a load average at "
+        "start of 2 "
         "or less means the machine was this benchmark's alone, more that other jobs shared it (compare within a "
         "table). Full-size random checkpoints "
         "(bf16, the released shapes); random weights give flat logits: speed and memory, not accuracy.",

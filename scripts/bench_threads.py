@@ -120,20 +120,26 @@ def batch(bundle: Path, files: list[Path], value: str | None) -> float:
 
 
 def report(rows: dict, machine: str, args) -> str:
+    from bench_batch import precision
     med = {name: {key: float(np.median([r[key] for r in row["stream"]])) for key in ("p50", "p95", "rtf")}
            | {"batch": float(np.median(row["batch"]))} for name, row in rows.items()}
     lines = ["## One thread pool per process", "",
              f"{datetime.date.today()}, `python scripts/bench_threads.py --bundle {args.bundle.name} --seconds "
              f"{args.seconds:g} --files {args.files} --rounds {args.rounds}`", "", machine, "",
-             f"Full-size random Qwen3-ASR-0.6B ({args.bundle.name}), 2 threads, fresh processes, the two settings "
+             f"Full-size random Qwen3-ASR-0.6B, {precision(args.bundle)}, 2 threads, fresh processes, the two settings "
              f"taking turns for {args.rounds} rounds (medians). Stream: {args.seconds:g} s of speech in 2 s chunks, 12 "
              f"tokens forced a step. Batch: `qasr transcribe` of {args.files} copies of a 10 s recording, "
              "`--batch-size 4 --max-new-tokens 40`, wall clock with the process start.", "",
              "| ONNX Runtime threads | stream step p50 s | stream step p95 s | stream RTF | batch s |",
              "|---|---:|---:|---:|---:|"]
+    shared, alone = med["one pool per process"], med["a pool per session"]
     for name, figures in med.items():
         lines.append(f"| {name} | {figures['p50']:.2f} | {figures['p95']:.2f} | {figures['rtf']:.2f} | "
                      f"{figures['batch']:.2f} |")
+    lines += ["", f"One pool: stream steps x{shared['p50'] / alone['p50']:.2f} at the median and "
+              f"x{shared['p95'] / alone['p95']:.2f} at p95, the batch x{shared['batch'] / alone['batch']:.2f}, "
+              "against a pool per session (ONNX Runtime's default; `QASR_THREAD_POOL=per-session`). Ids and text "
+              "are the same either way (tests/test_threads.py)."]
     return "\n".join(lines)
 
 
