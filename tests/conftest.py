@@ -20,7 +20,8 @@ def model_cache(tmp_path_factory):
 def per_session_pools():
     """The CLI's commands, run in this process, would make ONNX Runtime's process-wide thread pool,
     after which ORT refuses the tests' own sessions (default options): one pool per session here.
-    tests/test_threads.py runs the shared pool in processes of its own."""
+    qasr's child processes (servers, Ray replicas, streams: support.user_env) and
+    tests/test_threads.py run the shared pool, as a user's qasr does."""
     import os
 
     from qasr.runtime.backends.onnxruntime_cpu import PER_SESSION

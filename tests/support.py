@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import os
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ import numpy as np
 
 from qasr.cli import main as qasr_main
 from qasr.kernels.fbank import log_mel
-from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
+from qasr.runtime.backends.onnxruntime_cpu import PER_SESSION, OnnxRuntimeBackend
 from qasr.runtime.batch import greedy_decode
 from qasr.runtime.windows import join_windows, split_windows
 
@@ -204,6 +205,13 @@ def served(model, **options):
         yield running
     finally:
         running.stop()
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a qasr process as a user starts one: this process's, without the pool per
+    session that the test process keeps for its own sessions (conftest), so that the child runs its
+    graphs in one thread pool as `qasr` does; plus `extra`."""
+    return {key: value for key, value in os.environ.items() if key != PER_SESSION} | extra
 
 
 def spawn(argv: list, **popen) -> subprocess.Popen:

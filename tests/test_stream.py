@@ -9,7 +9,6 @@ official code itself, not a re-reading of it.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from qasr.errors import AudioError, UsageError
 from qasr.kernels.fbank import clamp_and_scale, log10_mel_batch, log_mel
 from qasr.runtime.stream import SegmentAudio, Stream
 from qasr.runtime.windows import token_count
-from support import DATA, spawn
+from support import DATA, spawn, user_env
 
 torch = pytest.importorskip("torch")
 BUDGET = 12
@@ -325,7 +324,7 @@ def qasr_stream(args, stdin: bytes = b""):
     """Run `qasr stream` in a process of its own: (exit code, stdout, stderr)."""
     command = [sys.executable, "-m", "qasr", "stream", *args]
     process = spawn(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env=user_env(PYTHONPATH=str(ROOT)))
     out, err = process.communicate(stdin, timeout=300)
     return process.returncode, out.decode(), err.decode()
 
@@ -371,7 +370,7 @@ def test_cli_ctrl_c_prints_committed_text(bundle, speech):
     command = [sys.executable, "-m", "qasr", "stream", "-", "--model", str(bundle("tiny-untied")),
                "--max-new-tokens", "4", "--segment-seconds", "3"]
     process = spawn(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               env=user_env(PYTHONPATH=str(ROOT)))
     try:
         process.stdin.write(pcm)
         process.stdin.flush()

@@ -33,7 +33,7 @@ from qasr.errors import UsageError  # noqa: E402
 from qasr.runtime.transcribe import Transcriber  # noqa: E402
 from qasr.serve.ray import Placement, builder_options, deployment_options  # noqa: E402
 from qasr.serve.service import Options  # noqa: E402
-from support import DATA, cli_text, free_port, realtime_transcript, spawn  # noqa: E402
+from support import DATA, cli_text, free_port, realtime_transcript, spawn, user_env  # noqa: E402
 
 EN, ZH = str(DATA / "en_16k_s16.wav"), str(DATA / "zh_16k_f32_loud.wav")
 TOKENS = 12
@@ -69,7 +69,7 @@ def end(process: subprocess.Popen, seconds: float = 60) -> int:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, model_cache):
     """A Ray head on 127.0.0.1 for this module; yields its address."""
-    env = {**os.environ, **LOOPBACK_ENV}
+    env = user_env(**LOOPBACK_ENV)
     temp = tempfile.mkdtemp(prefix="qasr-ray-", dir="/tmp")  # Ray's socket paths must stay short
     port = free_port()
     log = open(tmp_path_factory.mktemp("ray") / "head.log", "w+")
@@ -97,7 +97,7 @@ def server(cluster, bundle, tmp_path_factory):
     process = started([sys.executable, "-m", "qasr", "serve", "--ray", cluster[0], "--replicas", "2",
                        "--model", str(bundle("tiny-untied")), "--backend", "onnxruntime", "--threads", "1",
                        "--max-new-tokens", str(TOKENS), "--port", str(port), "--drain-seconds", "20"],
-                      {**os.environ, **LOOPBACK_ENV}, log)
+                      user_env(**LOOPBACK_ENV), log)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, process, log)
     yield url, process, log
@@ -245,7 +245,7 @@ def _loopback(ip: str) -> bool:
 def qasr_serve_ray(address: str, *options) -> subprocess.CompletedProcess:
     """The real command, run to its end; it must fail before serving."""
     return subprocess.run([sys.executable, "-m", "qasr", "serve", "--ray", address, "--port", str(free_port()),
-                           "--backend", "onnxruntime", *map(str, options)], env={**os.environ, **LOOPBACK_ENV},
+                           "--backend", "onnxruntime", *map(str, options)], env=user_env(**LOOPBACK_ENV),
                           capture_output=True, text=True, timeout=600)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import openai  # the official SDK, a test dependency: the real client
 import httpx2 as httpx  # the HTTP client the openai SDK ships with
 
 from qasr.serve.service import Options, Service
-from support import Blocker, DATA, RunningServer, free_port, served, spawn
+from support import Blocker, DATA, RunningServer, free_port, served, spawn, user_env
 
 EN = DATA / "en_16k_s16.wav"
 TOKENS = 12
@@ -155,7 +154,7 @@ def test_a_model_that_cannot_load_stops_the_server_with_one_line(tmp_path):
 
 
 def _env():
-    return {**os.environ, "PYTHONPATH": str(DATA.parent.parent)}
+    return user_env(PYTHONPATH=str(DATA.parent.parent))
 
 
 def test_sigterm_lets_the_request_in_flight_finish(bundle, speech, tmp_path):
