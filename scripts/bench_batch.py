@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -165,11 +164,10 @@ def worker_end_to_end(bundle: Path, threads: int, batch_size: int) -> dict:
 
 
 def run_worker(bundle: Path, threads: int, *args: str) -> dict:
+    from qasr.bench.workers import json_from_child
+
     command = [sys.executable, __file__, "--bundle", str(bundle), "--threads", str(threads), "--worker", *args]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode:
-        sys.exit(f"bench_batch: worker {args} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_from_child(command, f"bench_batch: worker {args}", cwd=ROOT)
 
 
 def header(bundles: list[Path], threads: int) -> list[str]:

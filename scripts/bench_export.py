@@ -166,12 +166,11 @@ def run(bundle: Path, audio: Path, model: str, name: str, args) -> dict:
     note = lacks_memory(model, name)
     if note:
         return {"skipped": note}
+    from qasr.bench.workers import json_from_child
+
     command = [sys.executable, __file__, "--worker", str(bundle), str(audio), "--threads", str(args.threads),
                "--steps", str(args.steps), "--spawned", repr(time.time())]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"worker failed on {bundle}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_from_child(command, f"the worker on {bundle}")
 
 
 def worker(bundle: Path, audio: Path, args) -> dict:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from qasr.bench.docs import publish  # noqa: E402
 from qasr.bench.harness import DEFAULT_CACHE, bytes_per_token, describe_machine, measure_bandwidth, prepare, speech_file  # noqa: E402
+from qasr.bench.workers import json_from_child  # noqa: E402
 
 BEGIN, END = "<!-- quant:begin -->", "<!-- quant:end -->"
 PEER_SOURCE = Path(__file__).resolve().parent.parent.parent / "qwen-asr"  # a checkout of antirez/qwen-asr beside this repo
@@ -199,10 +200,7 @@ def sweep_run(bundle: Path, reference: Path, audio: Path, args) -> dict:
     """One fresh process; the first run (fp32, no reference file yet) writes the reference ids and logits."""
     command = [sys.executable, __file__, "--sweep-worker", str(bundle), "--reference", str(reference),
                "--audio", str(audio), "--steps", str(args.steps), "--threads", str(args.threads)]
-    done = subprocess.run(command, capture_output=True, text=True, env=_env())
-    if done.returncode:
-        raise SystemExit(f"sweep worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_from_child(command, "sweep worker", env=_env())
 
 
 def sweep_worker(args) -> dict:
@@ -241,10 +239,7 @@ def qasr_run(checkpoint: Path, bundle: Path, audio: Path, args) -> dict:
     command = [sys.executable, "-m", "qasr.bench.workers", "qasr-onnxruntime", "--checkpoint", str(checkpoint),
                "--bundle", str(bundle), "--audio", str(audio), "--threads", str(args.threads),
                "--steps", str(args.steps), "--tokens", str(args.steps + 1), "--spawned", repr(time.time())]
-    done = subprocess.run(command, capture_output=True, text=True, env=_env())
-    if done.returncode:
-        raise SystemExit(f"qasr worker failed on {bundle}:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_from_child(command, f"qasr worker on {bundle}", env=_env())
 
 
 def peer_run(binary: Path, checkpoint: Path, audio: Path, args) -> dict:

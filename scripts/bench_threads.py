@@ -9,7 +9,7 @@ rounds so that other jobs on a shared machine slow both alike (the setting is th
 QASR_THREAD_POOL, which is all that differs):
 - a stream: `--seconds` of real speech in 2 s chunks through `Transcriber.stream`, as
   scripts/bench_stream.py feeds it (12 tokens forced a step): step p50 / p95 and stream RTF;
-- `qasr transcribe` of `--files` copies of a 10 s recording at `--batch-size 4` (new recordings are
+- `qasr transcribe` of a 10 s recording given `--files` times at `--batch-size 4` (new recordings are
   encoded between the decode steps of the others), 40 tokens each: wall seconds.
 2 threads. Writes the "One thread pool per process" section of docs/benchmarks.md.
 """
@@ -31,8 +31,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_batch import precision  # noqa: E402  # scripts/ is this script's own directory
+
 from qasr.bench.docs import publish  # noqa: E402
-from qasr.bench.harness import describe_machine  # noqa: E402
+from qasr.bench.harness import describe_machine, speech_file  # noqa: E402
+from qasr.bench.workers import json_from_child  # noqa: E402
 from qasr.runtime.backends.onnxruntime_cpu import PER_SESSION  # noqa: E402
 
 BEGIN, END = "<!-- threads:begin -->", "<!-- threads:end -->"
@@ -46,12 +49,13 @@ def main() -> int:
         return 0
     machine = describe_machine()
     with tempfile.TemporaryDirectory() as tmp:
-        files = copies(Path(tmp), args.files)
+        files = [speech_file(Path(tmp), 10)] * args.files  # one recording, given that many times
         rows: dict[str, dict[str, list]] = {name: {"stream": [], "batch": []} for name in SETTINGS}
         for turn in range(args.rounds):
             for name, value in SETTINGS.items():
-                rows[name]["stream"].append(child([__file__, "--worker", "--bundle", str(args.bundle), "--seconds",
-                                                   str(args.seconds)], value))
+                worker = [sys.executable, __file__, "--worker", "--bundle", str(args.bundle), "--seconds",
+                          str(args.seconds)]
+                rows[name]["stream"].append(json_from_child(worker, "the stream worker", env=environment(value)))
                 rows[name]["batch"].append(batch(args.bundle, files, value))
                 print(f"round {turn + 1}, {name}: {rows[name]['stream'][-1]}, {rows[name]['batch'][-1]:.2f} s",
                       file=sys.stderr, flush=True)
@@ -75,13 +79,6 @@ def environment(value: str | None) -> dict:
     return env | ({PER_SESSION: value} if value else {}) | {"PYTHONPATH": str(ROOT)}
 
 
-def child(argv: list[str], value: str | None) -> dict:
-    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=environment(value))
-    if done.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def stream_worker(bundle: Path, seconds: float) -> dict:
     """What scripts/bench_stream.py times for one bundle, in a process whose pools the environment sets."""
     from bench_stream import run_qasr, speech  # scripts/ is this script's own directory
@@ -98,16 +95,6 @@ def stream_worker(bundle: Path, seconds: float) -> dict:
     return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)), "rtf": run["rtf"]}
 
 
-def copies(folder: Path, count: int) -> list[Path]:
-    from qasr.bench.harness import speech_file
-
-    clip = speech_file(folder, 10)
-    paths = [folder / f"clip{index}.wav" for index in range(count)]
-    for path in paths:
-        path.write_bytes(clip.read_bytes())
-    return paths
-
-
 def batch(bundle: Path, files: list[Path], value: str | None) -> float:
     """Wall seconds of `qasr transcribe FILES --batch-size 4`, 40 tokens each."""
     argv = ["-m", "qasr", "transcribe", *map(str, files), "--model", str(bundle), "--threads", "2",
@@ -120,7 +107,6 @@ def batch(bundle: Path, files: list[Path], value: str | None) -> float:
 
 
 def report(rows: dict, machine: str, args) -> str:
-    from bench_batch import precision
     med = {name: {key: float(np.median([r[key] for r in row["stream"]])) for key in ("p50", "p95", "rtf")}
            | {"batch": float(np.median(row["batch"]))} for name, row in rows.items()}
     lines = ["## One thread pool per process", "",
@@ -128,7 +114,7 @@ def report(rows: dict, machine: str, args) -> str:
              f"{args.seconds:g} --files {args.files} --rounds {args.rounds}`", "", machine, "",
              f"Full-size random Qwen3-ASR-0.6B, {precision(args.bundle)}, 2 threads, fresh processes, the two settings "
              f"taking turns for {args.rounds} rounds (medians). Stream: {args.seconds:g} s of speech in 2 s chunks, 12 "
-             f"tokens forced a step. Batch: `qasr transcribe` of {args.files} copies of a 10 s recording, "
+             f"tokens forced a step. Batch: `qasr transcribe` of a 10 s recording given {args.files} times, "
              "`--batch-size 4 --max-new-tokens 40`, wall clock with the process start.", "",
              "| ONNX Runtime threads | stream step p50 s | stream step p95 s | stream RTF | batch s |",
              "|---|---:|---:|---:|---:|"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 
@@ -36,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name}", type=int, required=True)
     print(json.dumps(measure(parser.parse_args(argv))), flush=True)
     return 0
+
+
+def json_from_child(command: list[str], what: str, **run) -> dict:
+    """Run a worker process (`subprocess.run` keywords in `run`): the JSON line it printed last, or
+    the benchmark ends with `what` and the end of the worker's stderr."""
+    done = subprocess.run(command, capture_output=True, text=True, **run)
+    if done.returncode:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure(args) -> dict:
