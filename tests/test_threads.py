@@ -4,14 +4,14 @@ in a child process of its own; the test process itself keeps a pool per session 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from support import DATA
+from qasr.runtime.backends.onnxruntime_cpu import PER_SESSION
+from support import DATA, user_env
 
 ROOT = Path(__file__).parent.parent
 CLIP = DATA / "en_16k_s16.wav"
@@ -35,10 +35,7 @@ sys.exit(code)
 
 def child(graph: Path, *argv, shared: bool = True, before: str = "") -> list[str]:
     """`qasr ARGV` through cli.main in a fresh interpreter; its stdout lines."""
-    env = {key: value for key, value in os.environ.items() if key != "QASR_THREAD_POOL"}
-    if not shared:
-        env["QASR_THREAD_POOL"] = "per-session"
-    env["PYTHONPATH"] = str(ROOT)
+    env = user_env(PYTHONPATH=str(ROOT), **({} if shared else {PER_SESSION: "per-session"}))
     done = subprocess.run([sys.executable, "-c", before + PROBE, str(graph), *map(str, argv)], capture_output=True,
                           text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
