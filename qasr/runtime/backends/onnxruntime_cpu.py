@@ -12,6 +12,8 @@ Memory (docs/benchmarks.md, "The 1.7B on a small machine"): the graphs that run 
 activations for the life of the process, and with the C library returning freed blocks at once
 (qasr.memory.return_freed_memory); the decoder keeps its arena, so a decode step reuses its
 buffers, but a prefill, whose activations are many times a step's, shrinks it again afterwards.
+Once a session is made, the pages it still maps of the bundle's data files (the scales ORT keeps
+beside packed weights that hold them too) leave the resident set (qasr.memory.drop_file_pages).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qasr.errors import BundleError, EngineError, UsageError, first_line
-from qasr.memory import return_freed_memory
+from qasr.memory import drop_file_pages, return_freed_memory
 from qasr.progress import Progress
 from qasr.runtime.backends.interface import Backend
 from qasr.runtime.backends.prepack import prepacked_graph
@@ -122,9 +124,12 @@ class OnnxRuntimeBackend(Backend):
         path = prepacked or self.bundle.graph_path(name)
         options = session_options(self.threads, optimize=not prepacked, arena=name in ARENA_GRAPHS)
         try:
-            return ort.InferenceSession(str(path), options, providers=self.providers)
+            session = ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types, all with a message
             raise BundleError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
+        if not prepacked:  # a prepacked copy's mapped weights are the packed ones, read at every call
+            drop_file_pages([self.bundle.path / data for data in self.bundle.manifest["graphs"][name].get("data", [])])
+        return session
 
     def encode(self, mel, frames, conv_frames):
         return self.sessions["encoder"].run(None, {"mel": mel, "frames": frames, "conv_frames": conv_frames})[0]
