@@ -19,7 +19,7 @@ from pathlib import Path
 from qasr.errors import UsageError
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MADV_DONTNEED = 4  # Linux's madvise advice
+MADV_PAGEOUT = 21  # Linux (5.4 on) madvise advice: reclaim these pages now
 
 
 def status_kb(field: str) -> int | None:
@@ -86,15 +86,18 @@ def _glibc() -> ctypes.CDLL | None:
 
 def drop_file_pages(files: list[Path]) -> int:
     """Take out of this process's resident set the pages it holds of `files` by a private file
-    mapping, unchanged since they were read; returns the bytes of mappings dropped.
+    mapping, unchanged since they were read; returns the bytes of mappings asked to leave.
 
     ONNX Runtime maps each external initializer of a graph from its data file. After it packs a
     MatMulNBits' weight, the scales and zero points stay initializers beside the packed copy that
     holds them too, resident for nothing: 71 MB of the 1.7B's int4 decoder and 12 MB of its int8
-    encoder, at the moment its peak memory is reached (the end of loading). madvise(MADV_DONTNEED)
-    unmaps such pages; the file is unchanged, and a page read again (a row of the embedding table)
-    is faulted back from it. A mapping with pages the process wrote to (Anonymous in smaps) is left
-    alone: dropping it would lose the writes. Linux with glibc only; elsewhere nothing is dropped.
+    encoder. madvise(MADV_PAGEOUT) (Linux 5.4 on) reclaims such pages: the file is unchanged, and
+    a page read again (a row of the embedding table) comes back from it. It never discards data,
+    so a mapping that changes meanwhile (another thread unmapping it, and the address reused) loses
+    nothing, where MADV_DONTNEED would zero whatever is there by then. Pages not yet written back
+    to disk are not reclaimed (bundles are flushed before they are moved into place), nor pages
+    another process maps too. A mapping with pages the process wrote to (Anonymous in smaps) is left
+    alone. Linux with glibc only; elsewhere, or on an older kernel, nothing leaves.
     """
     libc = _glibc()
     try:
@@ -103,7 +106,7 @@ def drop_file_pages(files: list[Path]) -> int:
         return 0
     dropped = 0
     for start, end in _clean_mappings(maps, {os.path.realpath(file) for file in files}):
-        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED) == 0:
+        if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT) == 0:
             dropped += end - start
     return dropped
 

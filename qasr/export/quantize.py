@@ -21,7 +21,8 @@ fp32 activations (0) decode several times slower. Blocks of 128 decode faster th
 on this CPU for a somewhat larger error; asymmetric int4 is both faster and closer than
 symmetric at 128.
 The audio encoder and projector stay fp32 unless `encoder_weights="int8"`: they are compute-bound
-and run once per clip, and low-bit encoders are known to drift, so 8 bits at least.
+and run once per clip, and low-bit encoders are known to drift, so 8 bits at least. A quantized
+encoder runs its conv stack one chunk at a time (qasr.export.conv_scan).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qasr.errors import BundleError, UsageError
 from qasr.export.onnx_files import graph_contract, unalias_shared_weights
+from qasr.export.conv_scan import scan_conv_chunks
 from qasr.export.weight_stream import DataFile, StreamedGraph
 from qasr.memory import return_freed_memory
 from qasr.runtime.bundle import MANIFEST, Bundle, staged
@@ -168,6 +170,7 @@ def quantize_graph(graph: StreamedGraph, dst: Path, scheme: Scheme) -> tuple[dic
     saved = onnx.load(str(dst), load_external_data=False)  # the graph as written, its weights in the data file
     _add_aliases(saved, aliases, dst)
     split_wide_matmuls(saved)
+    scan_conv_chunks(saved)  # the encoder's conv stack, one chunk at a time (qasr.export.conv_scan)
     onnx.save_model(saved, str(dst))
     if not any(node.op_type == "SimplifiedLayerNormalization" for node in model.graph.node):
         onnx.checker.check_model(str(dst))  # it knows no ORT ops in the ONNX domain (the fused decoder's)

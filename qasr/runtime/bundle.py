@@ -8,6 +8,7 @@ refused with one line that says how to re-export.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -32,10 +33,26 @@ def staged(out: Path) -> Iterator[Path]:
         staging = Path(tmp)
         yield staging
         staging.chmod(0o755)  # TemporaryDirectory makes it private; the result is an ordinary directory
+        _sync(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)
         staging.mkdir()  # TemporaryDirectory removes its (now empty) directory on exit
+
+
+def _sync(folder: Path) -> None:
+    """Flush the folder's files to disk before it is moved into place. Otherwise a power cut soon after
+    (a Jetson unplugged) can leave the new name over files the disk never received; and the pages
+    of files still being written back stay in a process that maps them (qasr.memory.drop_file_pages)."""
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:  # a directory where the system cannot open one (Windows): its files still are
+            continue
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 # Folders that later steps add inside a bundle, each with a record written last (so a folder

@@ -126,7 +126,10 @@ class OnnxRuntimeBackend(Backend):
         try:
             session = ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types, all with a message
-            raise BundleError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
+            reason = first_line(exc)
+            if "multiple hard links" in reason:  # ONNX's guard on a subgraph's weights (the encoder's Scan)
+                reason = "ONNX refuses weight files with several hard links: copy the bundle instead of linking it"
+            raise BundleError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
         if not prepacked:  # a prepacked copy's mapped weights are the packed ones, read at every call
             drop_file_pages([self.bundle.path / data for data in self.bundle.manifest["graphs"][name].get("data", [])])
         return session
