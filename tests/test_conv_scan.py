@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 
 from qasr.cli import main
 from qasr.export.conv_scan import scan_conv_chunks
