@@ -90,14 +90,15 @@ def drop_file_pages(files: list[Path]) -> int:
 
     ONNX Runtime maps each external initializer of a graph from its data file. After it packs a
     MatMulNBits' weight, the scales and zero points stay initializers beside the packed copy that
-    holds them too, resident for nothing: 71 MB of the 1.7B's int4 decoder and 12 MB of its int8
-    encoder. madvise(MADV_PAGEOUT) (Linux 5.4 on) reclaims such pages: the file is unchanged, and
-    a page read again (a row of the embedding table) comes back from it. It never discards data,
-    so a mapping that changes meanwhile (another thread unmapping it, and the address reused) loses
-    nothing, where MADV_DONTNEED would zero whatever is there by then. Pages not yet written back
-    to disk are not reclaimed (bundles are flushed before they are moved into place), nor pages
-    another process maps too. A mapping with pages the process wrote to (Anonymous in smaps) is left
-    alone. Linux with glibc only; elsewhere, or on an older kernel, nothing leaves.
+    holds them too, resident for nothing: 70-90 MB of the 1.7B's int4 decoder data file at the end
+    of its load, 12 MB of its int8 encoder's. madvise(MADV_PAGEOUT) (Linux 5.4 on) reclaims such
+    pages: the file is unchanged, and a page read again (a row of the embedding table) comes back
+    from it. It never discards data, so a mapping that changes meanwhile (another thread unmapping
+    it, and the address reused) loses nothing, where MADV_DONTNEED would zero whatever is there by
+    then. Pages not yet written back to disk are not reclaimed (bundles are flushed before they are
+    moved into place), nor pages another process maps too. A mapping with pages the process wrote
+    to (Anonymous in smaps) is left alone. Linux with glibc only; elsewhere, or on an older
+    kernel, nothing leaves.
     """
     libc = _glibc()
     try:

@@ -41,8 +41,8 @@ import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
 from qasr.errors import BundleError, UsageError
-from qasr.export.onnx_files import graph_contract, unalias_shared_weights
 from qasr.export.conv_scan import scan_conv_chunks
+from qasr.export.onnx_files import graph_contract, unalias_shared_weights
 from qasr.export.weight_stream import DataFile, StreamedGraph
 from qasr.memory import return_freed_memory
 from qasr.runtime.bundle import MANIFEST, Bundle, staged
