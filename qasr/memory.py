@@ -143,5 +143,17 @@ def return_freed_memory() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
+def trim_heap() -> None:
+    """Give the C library's freed heap pages back to the system now (malloc_trim).
+
+    Parsing the tokenizer.json of the real vocabulary frees many small blocks that stay resident in
+    the middle of the heap, where no later allocation of a run needs them, since blocks under the
+    mmap threshold are not returned on their own: 17 MB of the 59 MB it holds after the parse (55 MB
+    of 105 MB for a file whose merges are two-string lists). No-op where the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def gb(size: int) -> str:
     return f"{size / (1 << 30):.1f} GB"

@@ -50,3 +50,23 @@ def test_stream_of_random_ids_equals_the_full_decode(tokenizer):
 def test_missing_tokenizer_files(tmp_path):
     with pytest.raises(BundleError, match="vocab.json: missing"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_saved_file_writes_merges_as_strings_and_loads_the_same_tokenizer(checkpoint, tokenizer, tmp_path):
+    """The bundle's tokenizer.json: merges in the hub's "a b" form (half the parse's peak for the
+    real vocabulary), unescaped UTF-8, and the same ids, special tokens and decodes as the source."""
+    import json
+
+    tokenizer.save(tmp_path / "tokenizer.json")
+    raw = (tmp_path / "tokenizer.json").read_text(encoding="utf-8")
+    merges = json.loads(raw)["model"]["merges"]
+    source = [line for line in (checkpoint("tiny") / "merges.txt").read_text(encoding="utf-8").splitlines()
+              if line and not line.startswith("#version")]
+    assert merges == source and "Ġ" in raw and "\\u0120" not in raw
+    saved = Tokenizer.from_dir(tmp_path)
+    prompt = "<|im_start|>system\nJetson TensorRT<|im_end|>\n<|im_start|>assistant\nlanguage English<asr_text>"
+    for text in [*TEXTS, prompt]:
+        assert saved.encode(text) == tokenizer.encode(text)
+    ids = list(range(0, 151936, 97)) + [151645, 151704, 151669]
+    assert saved.decode(ids) == tokenizer.decode(ids)
+    assert saved.decode(ids, skip_special_tokens=False) == tokenizer.decode(ids, skip_special_tokens=False)

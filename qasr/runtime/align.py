@@ -19,6 +19,7 @@ from qasr.runtime.prompt import check_language
 from qasr.runtime.resolve import DEFAULT_ALIGNER
 from qasr.runtime.results import Word
 from qasr.runtime.timestamps import aligner_ids, split_units, unit_times
+from qasr.runtime.tokenizer import Tokenizer
 
 MAX_SECONDS = 180  # the official split length when timestamps are asked for
 
@@ -33,8 +34,8 @@ class Aligner(LoadedModel):
 
     kind, default = "aligner", DEFAULT_ALIGNER
 
-    def __init__(self, bundle: Bundle, backend: Backend):
-        super().__init__(bundle, backend)
+    def __init__(self, bundle: Bundle, backend: Backend, tokenizer: Tokenizer | None = None):
+        super().__init__(bundle, backend, tokenizer)
         self.segment_ms = float(bundle.manifest["aligner"]["segment_ms"])
 
     def align(self, audio, text: str, language: str, sample_rate: int | None = None) -> list[Word]:

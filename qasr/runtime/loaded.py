@@ -10,11 +10,21 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from qasr.errors import BundleError
+from qasr.memory import trim_heap
 from qasr.runtime.backends.interface import Backend
 from qasr.runtime.backends.select import gpu_backend_usable, open_backend
 from qasr.runtime.bundle import Bundle
 from qasr.runtime.resolve import resolve_model
 from qasr.runtime.tokenizer import Tokenizer
+
+
+def load_tokenizer(bundle: Bundle) -> Tokenizer:
+    """The bundle's tokenizer, with the heap its file's parse freed given back (qasr.memory.trim_heap),
+    which would otherwise stay resident for the process's life."""
+    tokenizer = Tokenizer.from_dir(bundle.path)
+    trim_heap()
+    return tokenizer
+
 
 NAMES = {"asr": ("a speech recognition model", "a speech recognition bundle"),
          "aligner": ("a forced aligner", "a forced-aligner bundle")}
@@ -25,12 +35,11 @@ class LoadedModel:
     kind: ClassVar[str]     # the bundle kind this class runs: "asr" or "aligner"
     default: ClassVar[str]  # the model `load()` takes when none is named
 
-    def __init__(self, bundle: Bundle, backend: Backend):
-        if bundle.kind != self.kind:
-            raise BundleError(f"{bundle.path}: {NAMES[bundle.kind][1]}, not {NAMES[self.kind][0]}")
+    def __init__(self, bundle: Bundle, backend: Backend, tokenizer: Tokenizer | None = None):
+        self.check_kind(bundle)
         self.bundle = bundle
         self.backend = backend
-        self.tokenizer = Tokenizer.from_dir(bundle.path)
+        self.tokenizer = tokenizer or load_tokenizer(bundle)
         self.window_frames = int(bundle.manifest["audio"]["window_frames"])
 
     @classmethod
@@ -44,7 +53,16 @@ class LoadedModel:
         on_cpu = weights != "fp32" and (backend == "onnxruntime" or (backend == "auto" and not gpu_backend_usable()))
         loaded = Bundle.load(resolve_model(model or cls.default, cls.kind, weights, encoder_weights=encoder_weights,
                                            on_cpu=on_cpu))
-        return cls(loaded, open_backend(loaded, backend, threads, precision))
+        cls.check_kind(loaded)
+        # The tokenizer before the weights: its parse's transient (+64 MB, the real vocabulary's) then
+        # falls on the smallest resident set instead of beside the decoder's packing in the background.
+        tokenizer = load_tokenizer(loaded)
+        return cls(loaded, open_backend(loaded, backend, threads, precision), tokenizer)
+
+    @classmethod
+    def check_kind(cls, bundle: Bundle) -> None:
+        if bundle.kind != cls.kind:
+            raise BundleError(f"{bundle.path}: {NAMES[bundle.kind][1]}, not {NAMES[cls.kind][0]}")
 
     @property
     def languages(self) -> list[str]:

@@ -49,8 +49,8 @@ class Transcriber(LoadedModel):
 
     kind, default = "asr", DEFAULT_MODEL
 
-    def __init__(self, bundle: Bundle, backend: Backend):
-        super().__init__(bundle, backend)
+    def __init__(self, bundle: Bundle, backend: Backend, tokenizer: Tokenizer | None = None):
+        super().__init__(bundle, backend, tokenizer)
         self.audio_token = int(bundle.tokens["audio"])
         self.eos_ids = tuple(bundle.tokens["eos"])
         self._engine: BatchDecoder | None = None
