@@ -31,10 +31,16 @@ def status_kb(field: str) -> int | None:
         return None
 
 
+def kb_gb(kb: int) -> float:
+    """GB (10^9 bytes) from the kB that Linux reports memory in (/proc's VmRSS and VmHWM, getrusage's
+    ru_maxrss, GNU time's "kbytes"), which are KiB: 1,000,000 of them are 1.024 GB, not 1."""
+    return kb * 1024 / 1e9
+
+
 def rss_gb() -> float:
-    """Resident memory now (VmRSS): what a long stream must keep flat; NaN where unknown."""
+    """Resident memory now (VmRSS), in GB: what a long stream must keep flat; NaN where unknown."""
     now = status_kb("VmRSS")
-    return now / 1e6 if now is not None else float("nan")
+    return kb_gb(now) if now is not None else float("nan")
 
 
 def peak_rss_gb() -> float:
@@ -44,13 +50,13 @@ def peak_rss_gb() -> float:
     (kB on Linux, bytes on macOS), and NaN where neither exists (Windows)."""
     peak = status_kb("VmHWM")
     if peak is not None:
-        return peak / 1e6
+        return kb_gb(peak)
     try:
         import resource
     except ImportError:
         return float("nan")
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return maxrss / 1e9 if sys.platform == "darwin" else maxrss / 1e6
+    return maxrss / 1e9 if sys.platform == "darwin" else kb_gb(maxrss)
 
 
 def available_memory() -> int:

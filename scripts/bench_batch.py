@@ -92,11 +92,6 @@ def load(bundle: Path, threads: int):
     return model
 
 
-def peak_gb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1e6
-
-
 def worker_decode(bundle: Path, threads: int) -> dict:
     """Tokens per second of decode steps at each batch size, on rows holding 10 s prompts."""
     from qasr.runtime.batch import BatchDecoder
@@ -148,6 +143,8 @@ def alone_step_ms(model, sequence) -> float:
 
 
 def worker_end_to_end(bundle: Path, threads: int, batch_size: int) -> dict:
+    from qasr.memory import peak_rss_gb
+
     model = load(bundle, threads)
     audios = [(wave, 16000) for wave in recordings()]
     began = time.perf_counter()
@@ -159,7 +156,7 @@ def worker_end_to_end(bundle: Path, threads: int, batch_size: int) -> dict:
     layers, _, _, heads, _, dim = model.backend.cache_shape
     cache_gb = model.backend.reserved * layers * 2 * heads * dim * 4 / 1e9
     stages = {key: sum(r.timings.get(key, 0.0) for r in results) for key in STAGES}
-    return {"seconds": seconds, "ids": [r.token_ids for r in results], "peak_gb": peak_gb(), "cache_gb": cache_gb,
+    return {"seconds": seconds, "ids": [r.token_ids for r in results], "peak_gb": peak_rss_gb(), "cache_gb": cache_gb,
             "cache_rows": model.backend.reserved, "row_bytes": layers * 2 * heads * dim * 4, "stages": stages}
 
 

@@ -151,13 +151,15 @@ def _checkpoint(path: Path, model: str) -> dict:
 
 def timed(argv: list[str], out: Path | None) -> dict:
     """`qasr ARGV` under GNU time: wall seconds, peak resident memory, and the size of the bundle it wrote."""
+    from qasr.memory import kb_gb
+
     done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "qasr", *argv], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"qasr {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", done.stderr).group(1)
     seconds = sum(float(part) * 60**i for i, part in enumerate(reversed(wall.split(":"))))
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
-    row = {"seconds": seconds, "peak_gb": peak_kb * 1024 / 1e9}
+    row = {"seconds": seconds, "peak_gb": kb_gb(peak_kb)}
     return row | ({"bundle_gb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e9} if out else {})
 
 
@@ -228,7 +230,7 @@ def report(record: dict, args) -> str:
               f"for {args.rounds} rounds (medians; decode's range in brackets). \"First call\" is the first "
               "`transcribe` after loading, whose setup includes waiting for the decoder still loading in the "
               "background (the second call shows the steady state). Peak memory: `qasr transcribe AUDIO --model "
-              "BUNDLE` under GNU time, the peer's own run from wait4.", "",
+              "BUNDLE` under GNU time, the peer's own run from wait4, in GB of 10^9 bytes (both count in KiB).", "",
               "| model | system | cold start | first call: setup, prefill | second call: setup, prefill | "
               "encoder | decode ms/token | x antirez | peak memory |",
               "|---|---|---|---|---|---|---|---|---|"]

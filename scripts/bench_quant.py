@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from qasr.bench.docs import publish  # noqa: E402
 from qasr.bench.harness import DEFAULT_CACHE, bytes_per_token, describe_machine, measure_bandwidth, prepare, speech_file  # noqa: E402
 from qasr.bench.workers import json_from_child  # noqa: E402
+from qasr.memory import kb_gb  # noqa: E402
 
 BEGIN, END = "<!-- quant:begin -->", "<!-- quant:end -->"
 PEER_SOURCE = Path(__file__).resolve().parent.parent.parent / "qwen-asr"  # a checkout of antirez/qwen-asr beside this repo
@@ -264,7 +265,7 @@ def peer_run(binary: Path, checkpoint: Path, audio: Path, args) -> dict:
     ttft = stage["Mel"] + stage["Encoder"] + stage["Prefill"]
     cold = wall - stage["Decode"]
     return {"load": cold - ttft, "cold_start": cold, "encoder": stage["Encoder"], "ttft": ttft,
-            "decode_ms": stage["decode_ms"], "peak_rss_gb": usage.ru_maxrss / 1e6}
+            "decode_ms": stage["decode_ms"], "peak_rss_gb": kb_gb(usage.ru_maxrss)}
 
 
 def speed_table(rows: list[dict], bundles: dict, bandwidth: float, args) -> str:

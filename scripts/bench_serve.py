@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from qasr.bench.docs import write_section  # noqa: E402
 from qasr.bench.harness import describe_machine  # noqa: E402
+from qasr.memory import kb_gb  # noqa: E402
 
 BEGIN, END = "<!-- serve:begin -->", "<!-- serve:end -->"
 CONCURRENCY_BEGIN, CONCURRENCY_END = "<!-- serve-concurrency:begin -->", "<!-- serve-concurrency:end -->"
@@ -100,7 +101,7 @@ class Server:
 
     def peak_gb(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1e6
+        return kb_gb(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")))
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()

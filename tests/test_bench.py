@@ -48,6 +48,7 @@ def test_report_ratios_against_official_fp32():
 
 def test_resident_memory_now_and_at_its_peak():
     """rss_gb follows an allocation (what a long stream's flat memory is judged on); the peak holds it.
+    Both are decimal GB: the 64 MiB are 0.0671 GB (the kernel's kB divided by 10^6 read 0.0655).
 
     Measured in a fresh process of its own, on 64 MiB of fresh anonymous pages, each touched: no
     allocator history (pages freed earlier and reused) and no other thread of the test run can move
@@ -61,7 +62,7 @@ def test_resident_memory_now_and_at_its_peak():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     before, during, peak = map(float, done.stdout.split())
-    assert during - before >= 0.064 and peak >= during
+    assert during - before >= 64 * 2**20 / 1e9 and peak >= during
 
 
 def test_export_benchmark_worker_loads_only_the_runtime():
