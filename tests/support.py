@@ -98,9 +98,10 @@ def free_port() -> int:
 
 
 class RunningServer:
-    """`qasr serve` with these options until stop(); url is its base address."""
+    """`qasr serve` with these options until stop(); url is its base address. `ready=False` returns
+    as soon as the server is started, before its model has loaded."""
 
-    def __init__(self, options):
+    def __init__(self, options, ready: bool = True):
         import uvicorn
 
         from qasr.serve.app import create_app
@@ -114,7 +115,8 @@ class RunningServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        self.wait_ready()
+        if ready:
+            self.wait_ready()
 
     def wait_ready(self, seconds: float = 120) -> None:
         import httpx2 as httpx

@@ -119,12 +119,9 @@ def test_health_waits_for_the_model_and_requests_get_503_meanwhile(bundle, monke
     loaded = threading.Event()
     load = Service._load
     monkeypatch.setattr(Service, "_load", lambda self: (loaded.wait(60), load(self)))
-    running = RunningServer.__new__(RunningServer)
+    running = RunningServer(Options(model=str(bundle("tiny-untied")), backend="onnxruntime", max_new_tokens=TOKENS),
+                            ready=False)
     try:
-        threading.Thread(target=lambda: RunningServer.__init__(running, Options(
-            model=str(bundle("tiny-untied")), backend="onnxruntime", max_new_tokens=TOKENS)), daemon=True).start()
-        while not hasattr(running, "url"):
-            time.sleep(0.01)
         while True:
             try:
                 health = httpx.get(f"{running.url}/health")
