@@ -131,3 +131,18 @@ def test_verify_wants_one_text_per_audio(capsys, clips, quantized):
     code = main(["verify", str(quantized["int8"]), clips[0][0], clips[1][0], "--text", "one"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err and "give one per audio" in err
+
+
+def test_speaking_a_sentence_without_the_voices_file_is_one_line(tmp_path):
+    """`python -m qasr.models.demo_data` (README's way to make test speech) from any directory: it
+    finds the checkout's demo model itself, and a checkpoint without voices.json is one line."""
+    import subprocess
+    import sys
+
+    from qasr.models.demo_data import DEMO_MODEL
+
+    assert (DEMO_MODEL / "voices.json").is_file()
+    done = subprocess.run([sys.executable, "-m", "qasr.models.demo_data", "hello", "--model", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"python -m qasr.models.demo_data: error: {tmp_path / 'voices.json'}: no such file"

@@ -25,6 +25,7 @@ import numpy as np
 from qasr.runtime.audio import load_audio
 
 ENGLISH_DICT = Path("/usr/share/dict/american-english")
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "models" / "qwen3-asr-demo"  # in a checkout of this repository
 LANGUAGES = {"en": "English", "zh": "Chinese"}
 NOISES = ("whitenoise", "pinknoise", "brownnoise")
 
@@ -180,16 +181,31 @@ def held_out_clips(model_dir: str | Path, folder: str | Path, count: int, seed: 
 def main(argv: list[str] | None = None) -> int:
     """`python -m qasr.models.demo_data TEXT --language en|zh --out speech.wav`: one sentence in the
     held-out voice of a demo checkpoint's voices.json."""
-    parser = argparse.ArgumentParser(description="speak a sentence as the demo model's held-out voice")
+    parser = argparse.ArgumentParser(prog="python -m qasr.models.demo_data",
+                                     description="speak a sentence as the demo model's held-out voice")
     parser.add_argument("text")
     parser.add_argument("--language", choices=sorted(LANGUAGES), default="en")
     parser.add_argument("--out", default="speech.wav")
-    parser.add_argument("--model", default="models/qwen3-asr-demo", help="the checkpoint whose voices.json to use")
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL, help="the checkpoint whose voices.json to use "
+                        "(default: this checkout's models/qwen3-asr-demo)")
     parser.add_argument("--pitch", type=int, default=50)
     args = parser.parse_args(argv)
-    voice = VoiceSettings.load(Path(args.model) / "voices.json").held_out(args.language, args.pitch)
-    print(synthesize(args.text, voice, args.out))
+    try:
+        voice = VoiceSettings.load(args.model / "voices.json").held_out(args.language, args.pitch)
+        print(synthesize(args.text, voice, args.out))
+    except (OSError, ValueError, KeyError, TypeError, subprocess.CalledProcessError) as exc:
+        parser.exit(1, f"{parser.prog}: error: {_reason(exc)}\n")
     return 0
+
+
+def _reason(exc: Exception) -> str:
+    """One line for what stopped the synthesis: a missing file or tool, a bad voices.json, a tool's error."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        said = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        return f"{exc.cmd[0]} failed: {said[-1] if said else exc}"
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: no such file"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 if __name__ == "__main__":
