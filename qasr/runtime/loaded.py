@@ -39,7 +39,7 @@ class LoadedModel:
         self.check_kind(bundle)
         self.bundle = bundle
         self.backend = backend
-        self.tokenizer = tokenizer or load_tokenizer(bundle)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(bundle)
         self.window_frames = int(bundle.manifest["audio"]["window_frames"])
 
     @classmethod
