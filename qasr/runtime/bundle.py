@@ -127,7 +127,11 @@ class Bundle:
         entry = self.manifest["graphs"].get(name)
         if entry is None:
             raise BundleError(f"{self.path}: this {self.kind} bundle has no {name} graph")
-        for file in [entry["file"], *entry.get("data", [])]:
-            if not (self.path / file).is_file():
-                raise BundleError(f"{self.path / file}: missing (named in {MANIFEST})")
+        for path in [self.path / entry["file"], *self.data_paths(name)]:
+            if not path.is_file():
+                raise BundleError(f"{path}: missing (named in {MANIFEST})")
         return self.path / entry["file"]
+
+    def data_paths(self, name: str) -> list[Path]:
+        """The external weight files of graph `name`, as its manifest entry lists them."""
+        return [self.path / file for file in self.manifest["graphs"][name].get("data", [])]

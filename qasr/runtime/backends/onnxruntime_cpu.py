@@ -131,7 +131,7 @@ class OnnxRuntimeBackend(Backend):
                 reason = "ONNX refuses weight files with several hard links: copy the bundle instead of linking it"
             raise BundleError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
         if not prepacked:  # a prepacked copy's mapped weights are the packed ones, read at every call
-            drop_file_pages([self.bundle.path / data for data in self.bundle.manifest["graphs"][name].get("data", [])])
+            drop_file_pages(self.bundle.data_paths(name))
         return session
 
     def encode(self, mel, frames, conv_frames):
