@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qasr.errors import first_line
 from qasr.runtime.audio import load_audio
 
 ENGLISH_DICT = Path("/usr/share/dict/american-english")
@@ -205,7 +206,7 @@ def _reason(exc: Exception) -> str:
         return f"{exc.cmd[0]} failed: {said[-1] if said else exc}"
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"{exc.filename}: no such file"
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return first_line(exc)
 
 
 if __name__ == "__main__":
