@@ -252,7 +252,7 @@ def run_transcribe(args: argparse.Namespace) -> int:
     options = TranscribeOptions(language=language, context=args.context, max_new_tokens=args.max_new_tokens,
                                 aligner=aligner, loop_guard=args.loop_guard)
     results = model.transcribe_many(args.audio, options, batch_size=min(args.batch_size, len(args.audio)),
-                                    progress=sys.stderr.isatty())
+                                    progress=sys.stderr.isatty(), release_encoder=True)  # the command ends after
     for audio, result in results:
         try:
             if isinstance(result, QasrError):

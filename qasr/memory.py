@@ -14,6 +14,9 @@ import ctypes.util
 import functools
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from qasr.errors import UsageError
@@ -116,6 +119,32 @@ def drop_file_pages(files: list[Path]) -> int:
         if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT) == 0:
             dropped += end - start
     return dropped
+
+
+@contextmanager
+def dropping_file_pages(files: list[Path], every: float = 0.1) -> Iterator[None]:
+    """drop_file_pages(files) every `every` seconds while the block runs (a session being made), and
+    once at its end.
+
+    ONNX Runtime keeps each packed MatMulNBits' scales and zero points mapped until the whole session
+    is made, so a drop at the end alone still lets them all add up first: 52 MB of the 1.7B int4
+    decoder's peak while it loads (1.14 GB against 1.09 GB with a drop every 0.1 s, 0.05 s every
+    0.05 s), for 0.02-0.08 s more load time, since a page dropped before ONNX Runtime is done with it
+    is read again from the disk."""
+    done = threading.Event()
+
+    def drop_until_done() -> None:
+        while not done.wait(every):
+            drop_file_pages(files)
+
+    dropper = threading.Thread(target=drop_until_done, name="qasr-drop-pages", daemon=True)
+    dropper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        dropper.join()
+        drop_file_pages(files)
 
 
 def _clean_mappings(smaps: str, wanted: set[str]) -> list[tuple[int, int]]:

@@ -254,3 +254,37 @@ def test_options_are_one_object_with_known_fields():
     assert TranscribeOptions().with_fields() == TranscribeOptions()
     with pytest.raises(TypeError):
         TranscribeOptions().with_fields(langauge="English")
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_encoder_is_released_once_the_last_recording_is_encoded(bundle, recordings, batch_size):
+    """What `qasr transcribe` asks for (it exits after): the encoder and projector sessions leave once
+    the last recording is encoded, not before, nothing else keeps them alive, and the ids are those
+    of a model that keeps them; a later call loads them again."""
+    import gc
+    import weakref
+
+    model = Transcriber.load(bundle("tiny-untied"), backend="onnxruntime")
+    kept = [r.token_ids for _, r in model.transcribe_many(recordings[:4], max_new_tokens=12)]
+    sessions = model.backend.sessions
+    encoder = weakref.ref(sessions["encoder"])
+    encoded, released_after = [], []  # recordings encoded; how many had been when the encoder left
+    request, release = model.request, model.backend.release
+    model.request = lambda recording, index: (encoded.append(recording.audio), request(recording, index))[1]
+    model.backend.release = lambda graphs: (released_after.append(len(encoded)), release(graphs))
+
+    results = [r.token_ids for _, r in model.transcribe_many(recordings[:4], batch_size=batch_size,
+                                                              max_new_tokens=12, release_encoder=True)]
+    gc.collect()
+    assert results == kept
+    assert released_after == [4]
+    assert "encoder" not in sessions.ready and "projector" not in sessions.ready and encoder() is None
+    assert model.transcribe(recordings[0], max_new_tokens=12).token_ids == kept[0]
+    assert "encoder" in sessions.ready
+
+
+def test_one_transcription_can_release_the_encoder(bundle, recordings):
+    model = Transcriber.load(bundle("tiny-untied"), backend="onnxruntime")
+    kept = model.transcribe(recordings[1], max_new_tokens=12).token_ids
+    assert model.transcribe(recordings[1], max_new_tokens=12, release_encoder=True).token_ids == kept
+    assert "encoder" not in model.backend.sessions.ready

@@ -1,16 +1,19 @@
 """What a loaded model keeps resident: pages of the bundle's files that only duplicate packed weights
-are given back (qasr.memory.drop_file_pages), without changing a value read through them."""
+are given back (qasr.memory.drop_file_pages), also while a session is still being made
+(qasr.memory.dropping_file_pages), without changing a value read through them."""
 
 from __future__ import annotations
 
 import gc
 import mmap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from qasr.memory import drop_file_pages
+from qasr import memory
+from qasr.memory import drop_file_pages, dropping_file_pages
 
 EN = Path(__file__).parent / "data" / "en_16k_s16.wav"
 pytestmark = pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
@@ -58,18 +61,34 @@ def test_shared_mappings_are_left_alone(tmp_path):
         assert drop_file_pages([path]) == 0 and shared[0] == 7 and resident(path) > 0
 
 
+def test_pages_leave_while_the_block_runs_and_at_its_end(tmp_path):
+    """Pages read inside the block leave without waiting for its end (what ONNX Runtime maps while
+    it packs a decoder), and those read last leave when it ends; the values read stay the file's."""
+    values = np.arange(1 << 20, dtype=np.float32)
+    path = tmp_path / "weights.bin"
+    values.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="c")
+    with dropping_file_pages([path], every=0.01):
+        assert float(mapped.sum()) == float(values.sum())
+        deadline = time.monotonic() + 60  # a liveness bound for a busy machine, not a timing goal
+        while resident(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resident(path) == 0
+        assert float(mapped[::1024].sum()) == float(values[::1024].sum())  # read back from the file
+    assert resident(path) == 0
+
+
 def test_a_loaded_quantized_model_keeps_no_file_pages_and_decodes_the_same(fused, monkeypatch):
     """ONNX Runtime keeps each MatMulNBits' scales and zero points mapped from the data file beside the
     packed weight holding them too; the CPU backend drops those pages once a session is made. The ids
     are those of a model that keeps them."""
-    from qasr.runtime.backends import onnxruntime_cpu
     from qasr.runtime.bundle import Bundle
     from qasr.runtime.transcribe import Transcriber
 
     bundle = Path(fused("int4"))
     data = [bundle / file for entry in Bundle.load(bundle).manifest["graphs"].values() for file in entry["data"]]
     with monkeypatch.context() as patch:
-        patch.setattr(onnxruntime_cpu, "drop_file_pages", lambda files: 0)
+        patch.setattr(memory, "drop_file_pages", lambda files: 0)
         kept = Transcriber.load(bundle, backend="onnxruntime")
         kept.backend.sessions["decoder"]
         held = sum(resident(path) for path in data)

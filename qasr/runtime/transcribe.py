@@ -37,6 +37,7 @@ from qasr.runtime.timestamps import split_units
 from qasr.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 MAX_SECONDS = 1200  # the official one-pass limit; longer audio is split near each mark
+AUDIO_GRAPHS = ("encoder", "projector")  # what release_encoder frees
 _END = object()  # the end of transcribe_many's input
 
 
@@ -69,45 +70,59 @@ class Transcriber(LoadedModel):
         return embed_audio(self.backend, wave, self.window_frames, source=source_path(audio) or "<audio>")
 
     def transcribe(self, audio, options: TranscribeOptions | None = None, *, progress: bool = False,
-                   on_token: Callable[[int], None] | None = None, **fields) -> Transcript:
+                   on_token: Callable[[int], None] | None = None, release_encoder: bool = False,
+                   **fields) -> Transcript:
         """Transcribe one recording (a path, bytes, a binary file, or an array with its rate).
 
         `options` (TranscribeOptions), or its fields as keywords (`language="English"`,
         `max_new_tokens=64`, ...): the language, context, token budget, aligner and loop guard.
         `progress` shows a bar on stderr; `on_token` sees each generated id as it comes (the
-        server streams text from it).
+        server streams text from it). `release_encoder` frees the audio encoder once the recording
+        is encoded (release_encoder()), for a process with nothing more to transcribe.
         """
         recording = self.prepare(audio, (options or TranscribeOptions()).with_fields(**fields))
         if recording.error:
             raise recording.error
         for index in range(len(recording.parts)):
             sequence = self.request(recording, index)
+            if release_encoder and index == len(recording.parts) - 1:
+                self.release_encoder()
             with (_Progress(self.tokenizer, sequence.budget, on_token) if progress else nullcontext()) as bar:
                 sequence.on_token = bar.update if bar else on_token
                 recording.decoded[index] = decode_alone(self.engine, sequence)
         return self.finish(recording)
 
     def transcribe_many(self, audios: Iterable, options: TranscribeOptions | None = None, batch_size: int = 1,
-                        progress: bool = False, **fields) -> Iterator[tuple[object, Transcript | QasrError]]:
+                        progress: bool = False, release_encoder: bool = False,
+                        **fields) -> Iterator[tuple[object, Transcript | QasrError]]:
         """(audio, result) for each recording, in input order; a bad one yields its error and the rest go on.
 
         `batch_size` > 1 decodes up to that many recordings per step (continuous batching: a
         recording joins the batch as soon as a row is free and leaves at its end of sequence);
         the ids are those of one at a time. `options` and `fields` are transcribe's; `progress`
-        is shown only one at a time.
+        is shown only one at a time. `release_encoder` frees the audio encoder once the last
+        recording is encoded (release_encoder()); one at a time, each recording is then taken from
+        `audios` before the one before it is transcribed, to know which is the last.
         """
         options = (options or TranscribeOptions()).with_fields(**fields)
-        if batch_size <= 1:
-            for audio in audios:
-                try:
-                    yield audio, self.transcribe(audio, options, progress=progress)
-                except QasrError as exc:
-                    yield audio, exc
+        audios = iter(audios)
+        if batch_size > 1:
+            yield from self._batched(audios, batch_size, options, release_encoder)
             return
-        yield from self._batched(iter(audios), batch_size, options)
+        for audio, last in _marking_last(audios) if release_encoder else ((audio, False) for audio in audios):
+            try:
+                yield audio, self.transcribe(audio, options, progress=progress, release_encoder=last)
+            except QasrError as exc:
+                yield audio, exc
 
-    def _batched(self, audios: Iterator, batch_size: int,
-                 options: TranscribeOptions) -> Iterator[tuple[object, Transcript | QasrError]]:
+    def release_encoder(self) -> None:
+        """Free the audio encoder and projector (0.35 GB for the 1.7B's int8 encoder) until the next
+        recording, which loads them again: a command that has encoded its last input decodes without
+        them. Engines that cannot free a graph keep it."""
+        self.backend.release(AUDIO_GRAPHS)
+
+    def _batched(self, audios: Iterator, batch_size: int, options: TranscribeOptions,
+                 release_encoder: bool) -> Iterator[tuple[object, Transcript | QasrError]]:
         """The next recording is read and encoded when a row frees up; results leave in input order."""
         batcher = Batcher(self, batch_size)
         order: deque[Recording] = deque()  # in input order, not yet yielded
@@ -117,6 +132,9 @@ class Transcriber(LoadedModel):
                 order.append(batcher.open(audio, options))
                 audio = next(audios, _END)
             batcher.step()
+            if release_encoder and audio is _END and not batcher.parts:
+                self.release_encoder()
+                release_encoder = False
             while order and order[0].result is not None:
                 recording = order.popleft()
                 yield recording.audio, recording.result
@@ -185,6 +203,15 @@ class Transcriber(LoadedModel):
                       unfixed_chunks=unfixed_chunks, unfixed_tokens=unfixed_tokens,
                       max_new_tokens=max_new_tokens, segment_seconds=segment_seconds)
 
+
+
+def _marking_last(items: Iterator) -> Iterator[tuple[object, bool]]:
+    """Each item with whether it is the last, read one ahead."""
+    item = next(items, _END)
+    while item is not _END:
+        following = next(items, _END)
+        yield item, following is _END
+        item = following
 
 
 class _Progress:

@@ -27,6 +27,11 @@ class Backend(ABC):
     def project(self, hidden: np.ndarray) -> np.ndarray:
         """Encoder states [N, d_model] -> audio embeddings [N, hidden]."""
 
+    def release(self, graphs: tuple[str, ...]) -> None:
+        """Free these graphs' weights until their next call, which loads them again: a process that
+        has encoded its last recording decodes without the audio encoder. An engine that cannot
+        free a graph keeps it (this default)."""
+
     holder: object | None = None  # the batch engine whose requests the cache's rows hold (it sets this)
 
     @property

@@ -12,8 +12,9 @@ Memory (docs/benchmarks.md, "The 1.7B on a small machine"): the graphs that run 
 activations for the life of the process, and with the C library returning freed blocks at once
 (qasr.memory.return_freed_memory); the decoder keeps its arena, so a decode step reuses its
 buffers, but a prefill, whose activations are many times a step's, shrinks it again afterwards.
-Once a session is made, the pages it still maps of the bundle's data files (the scales ORT keeps
-beside packed weights that hold them too) leave the resident set (qasr.memory.drop_file_pages).
+While a session is made and once it is, the pages it still maps of the bundle's data files (the
+scales ORT keeps beside packed weights that hold them too) leave the resident set
+(qasr.memory.dropping_file_pages).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
 from qasr.errors import BundleError, EngineError, UsageError, first_line
-from qasr.memory import drop_file_pages, return_freed_memory
+from qasr.memory import dropping_file_pages, return_freed_memory, trim_heap
 from qasr.progress import Progress
 from qasr.runtime.backends.interface import Backend
 from qasr.runtime.backends.prepack import prepacked_graph
@@ -90,6 +92,7 @@ class Sessions:
     BACKGROUND = ("decoder", "aligner")
 
     def __init__(self, load: Callable[[str], ort.InferenceSession], names: list[str]):
+        self.load = load
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending = {name: self.pool.submit(load, name) for name in names if name in self.BACKGROUND}
         self.ready = {name: load(name) for name in names if name not in self.BACKGROUND}
@@ -97,8 +100,14 @@ class Sessions:
 
     def __getitem__(self, name: str) -> ort.InferenceSession:
         if name not in self.ready:
-            self.ready[name] = self.pending.pop(name).result()
+            self.ready[name] = self.pending.pop(name).result() if name in self.pending else self.load(name)
         return self.ready[name]
+
+    def release(self, names: tuple[str, ...]) -> None:
+        """Drop these loaded sessions (their packed weights leave with them); a later use loads one again."""
+        for name in names:
+            self.ready.pop(name, None)
+        trim_heap()
 
 
 class OnnxRuntimeBackend(Backend):
@@ -123,16 +132,19 @@ class OnnxRuntimeBackend(Backend):
         prepacked = prepacked_graph(self.bundle, name) if self.providers == ["CPUExecutionProvider"] else None
         path = prepacked or self.bundle.graph_path(name)
         options = session_options(self.threads, optimize=not prepacked, arena=name in ARENA_GRAPHS)
+        # a prepacked copy's mapped weights are the packed ones, read at every call: they stay
+        dropping = nullcontext() if prepacked else dropping_file_pages(self.bundle.data_paths(name))
         try:
-            session = ort.InferenceSession(str(path), options, providers=self.providers)
+            with dropping:
+                return ort.InferenceSession(str(path), options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types, all with a message
             reason = first_line(exc)
             if "multiple hard links" in reason:  # ONNX's guard on a subgraph's weights (the encoder's Scan)
                 reason = "ONNX refuses weight files with several hard links: copy the bundle instead of linking it"
             raise BundleError(f"{path}: ONNX Runtime cannot load it ({reason})") from None
-        if not prepacked:  # a prepacked copy's mapped weights are the packed ones, read at every call
-            drop_file_pages(self.bundle.data_paths(name))
-        return session
+
+    def release(self, graphs):
+        self.sessions.release(graphs)
 
     def encode(self, mel, frames, conv_frames):
         return self.sessions["encoder"].run(None, {"mel": mel, "frames": frames, "conv_frames": conv_frames})[0]
