@@ -78,6 +78,19 @@ def test_pages_leave_while_the_block_runs_and_at_its_end(tmp_path):
     assert resident(path) == 0
 
 
+def test_only_at_the_end_leaves_pages_alone_while_the_block_runs(tmp_path):
+    """every=None (an fp32 graph's load, which keeps no pages for nothing): pages stay in the page
+    cache while the block runs, and what is still mapped at its end leaves."""
+    path = tmp_path / "weights.bin"
+    np.arange(1 << 20, dtype=np.float32).tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="c")
+    with dropping_file_pages([path], every=None):
+        mapped.sum()
+        time.sleep(0.05)
+        assert resident(path) > 0
+    assert resident(path) == 0
+
+
 def test_a_loaded_quantized_model_keeps_no_file_pages_and_decodes_the_same(fused, monkeypatch):
     """ONNX Runtime keeps each MatMulNBits' scales and zero points mapped from the data file beside the
     packed weight holding them too; the CPU backend drops those pages once a session is made. The ids
