@@ -25,10 +25,11 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MADV_PAGEOUT = 21  # Linux (5.4 on) madvise advice: reclaim these pages now
 
 
-def status_kb(field: str) -> int | None:
-    """One kB field of /proc/self/status (VmRSS, VmHWM), or None where /proc has no such field."""
+def status_kb(field: str, pid: int | str = "self") -> int | None:
+    """One kB field of /proc/PID/status (VmRSS, VmHWM) of this process or another, or None where /proc
+    has no such field."""
     try:
-        status = Path("/proc/self/status").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
         return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
     except (OSError, StopIteration):
         return None

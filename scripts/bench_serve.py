@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from qasr.bench.docs import write_section  # noqa: E402
 from qasr.bench.harness import describe_machine  # noqa: E402
-from qasr.memory import kb_gb  # noqa: E402
+from qasr.memory import kb_gb, status_kb  # noqa: E402
 
 BEGIN, END = "<!-- serve:begin -->", "<!-- serve:end -->"
 CONCURRENCY_BEGIN, CONCURRENCY_END = "<!-- serve-concurrency:begin -->", "<!-- serve-concurrency:end -->"
@@ -100,8 +100,7 @@ class Server:
         return text, time.perf_counter() - begin
 
     def peak_gb(self) -> float:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
-        return kb_gb(next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")))
+        return kb_gb(status_kb("VmHWM", self.proc.pid))
 
     def __exit__(self, *exc) -> None:
         self.proc.terminate()

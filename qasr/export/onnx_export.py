@@ -28,7 +28,7 @@ from qasr.models.checkpoint import check_checkpoint, warn_if_head_untied
 from qasr.models.config import ModelConfig, load_config
 from qasr.models.digest import checkpoint_digest
 from qasr.models.thinker import EOS_IDS
-from qasr.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, cache_names, staged
+from qasr.runtime.bundle import AUDIO_GRAPHS, FORMAT, FORMAT_VERSION, MANIFEST, cache_names, staged
 from qasr.runtime.tokenizer import SOURCE_FILES, TOKENIZER_FILE, Tokenizer
 from qasr.version import __version__
 
@@ -65,7 +65,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, progress=print, w
     with staged(out) as staging:
         for name, export in graphs.items():
             progress(f"exporting {name}")
-            precision = encoder_weights if name in ("encoder", "projector") else weights
+            precision = encoder_weights if name in AUDIO_GRAPHS else weights
             if name == "decoder" and decoder == "fused":
                 contracts[name], setting = export_fused(checkpoint, staging / f"{name}.onnx", precision, progress)
                 settings.update({name: setting} if setting is not None else {})

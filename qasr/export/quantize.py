@@ -45,13 +45,12 @@ from qasr.export.conv_scan import scan_conv_chunks
 from qasr.export.onnx_files import graph_contract, unalias_shared_weights
 from qasr.export.weight_stream import DataFile, StreamedGraph
 from qasr.memory import return_freed_memory
-from qasr.runtime.bundle import MANIFEST, Bundle, staged
+from qasr.runtime.bundle import AUDIO_GRAPHS, MANIFEST, Bundle, staged
 from qasr.version import __version__
 
 WEIGHTS = ("fp32", "int8", "int4")
 ENCODER_WEIGHTS = ("fp32", "int8")
 QUANTIZER = "onnxruntime.quantization.matmul_nbits_quantizer"
-AUDIO_GRAPHS = ("encoder", "projector")
 SKIPPED = ("derived", "engines", "prepacked")  # products of the fp32 graphs: rebuilt, never copied
 PART_BYTES = 8 << 20  # the most packed weight bytes one MatMulNBits holds (split_wide_matmuls)
 PART_ROWS = 256  # a part's rows: a multiple of this, so MLAS tiles its columns as it tiled the whole weight's

@@ -55,6 +55,9 @@ def _sync(folder: Path) -> None:
             os.close(descriptor)
 
 
+AUDIO_GRAPHS = ("encoder", "projector")  # the graphs that turn audio into embeddings (--encoder-weights, release)
+
+
 # Folders that later steps add inside a bundle, each with a record written last (so a folder
 # without its record is unfinished work: qasr.jsonfile.read_record).
 DERIVED, DERIVED_RECORD = "derived", "graphs.json"  # graphs in another precision (qasr.export.precision)

@@ -24,7 +24,7 @@ from qasr.runtime.audio import SAMPLE_RATE, load_audio, source_path, split_long_
 from qasr.runtime.backends.interface import Backend
 from qasr.runtime.batch import BatchDecoder, decode_alone
 from qasr.runtime.batcher import Batcher, Recording
-from qasr.runtime.bundle import Bundle
+from qasr.runtime.bundle import AUDIO_GRAPHS, Bundle
 from qasr.runtime.decode import Sequence, token_budget
 from qasr.runtime.embed import add_time, embed_audio
 from qasr.runtime.loaded import LoadedModel
@@ -37,7 +37,6 @@ from qasr.runtime.timestamps import split_units
 from qasr.runtime.tokenizer import IncrementalDecoder, Tokenizer
 
 MAX_SECONDS = 1200  # the official one-pass limit; longer audio is split near each mark
-AUDIO_GRAPHS = ("encoder", "projector")  # what release_encoder frees
 _END = object()  # the end of transcribe_many's input
 
 

@@ -15,6 +15,7 @@ import pytest
 import openai  # the official SDK, a test dependency: the real client
 import httpx2 as httpx  # the HTTP client the openai SDK ships with
 
+from qasr.memory import status_kb
 from qasr.serve.service import Options, Service
 from support import Blocker, DATA, RunningServer, free_port, served, spawn, user_env
 
@@ -44,8 +45,7 @@ def small_queue(bundle, request):
 
 
 def resident_mb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+    return status_kb("VmRSS") / 1024
 
 
 def test_eight_clients_on_a_queue_of_two(small_queue):
