@@ -230,8 +230,9 @@ def report(record: dict, args) -> str:
               f"for {args.rounds} rounds (medians; decode's range in brackets). \"First call\" is the first "
               "`transcribe` after loading, whose setup includes waiting for the decoder still loading in the "
               "background (the second call shows the steady state). Peak memory: `qasr transcribe AUDIO --model "
-              "BUNDLE` under GNU time (a one-shot command, which frees the audio encoder once the recording is "
-              "encoded), the peer's own run from wait4, in GB of 10^9 bytes (both count in KiB).", "",
+              "BUNDLE` under GNU time (a one-shot command: it encodes the recording, frees the audio encoder and "
+              "only then loads the decoder), the peer's own run from wait4, in GB of 10^9 bytes (both count "
+              "in KiB).", "",
               "| model | system | cold start | first call: setup, prefill | second call: setup, prefill | "
               "encoder | decode ms/token | x antirez | peak memory |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -288,3 +288,20 @@ def test_one_transcription_can_release_the_encoder(bundle, recordings):
     kept = model.transcribe(recordings[1], max_new_tokens=12).token_ids
     assert model.transcribe(recordings[1], max_new_tokens=12, release_encoder=True).token_ids == kept
     assert "encoder" not in model.backend.sessions.ready
+
+
+@pytest.mark.parametrize("kind", ["traced", "fused int4"])
+def test_a_deferred_decoder_loads_once_the_encoder_has_left(bundle, fused, recordings, kind):
+    """`background_load=False`, what `qasr transcribe` of one recording asks for: nothing loads the
+    decoder before its first call, which comes once the encoder and projector are released, so their
+    weights and the decoder's are never resident together; the ids are a background load's."""
+    path = bundle("tiny-untied") if kind == "traced" else fused("int4")
+    kept = Transcriber.load(path, backend="onnxruntime").transcribe(recordings[1], max_new_tokens=12).token_ids
+    model = Transcriber.load(path, backend="onnxruntime", background_load=False)
+    sessions = model.backend.sessions
+    assert set(sessions.ready) == {"encoder", "projector"} and not sessions.pending
+    beside = []  # the sessions held when the decoder's was made
+    load = sessions.load
+    sessions.load = lambda name: (name == "decoder" and beside.append(sorted(sessions.ready)), load(name))[1]
+    assert model.transcribe(recordings[1], max_new_tokens=12, release_encoder=True).token_ids == kept
+    assert beside == [[]]

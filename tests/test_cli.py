@@ -66,6 +66,23 @@ def test_several_files_decode_side_by_side_with_the_ids_of_one_at_a_time(capsys,
     assert ids[1] == ids[2] and len({tuple(i) for i in ids[1]}) == 3
 
 
+@pytest.mark.parametrize("files", [[EN], [EN, DE]])
+def test_one_recording_loads_the_decoder_once_its_encoder_has_left(capsys, bundle, monkeypatch, files):
+    """A one-shot command of one recording never holds the encoder's weights beside the decoder's:
+    the decoder's session is made after the encoder's release. With several, it loads in the
+    background from the start, while the first recording is encoded."""
+    from qasr.runtime.backends.onnxruntime_cpu import OnnxRuntimeBackend
+
+    events, session, release = [], OnnxRuntimeBackend._session, OnnxRuntimeBackend.release
+    monkeypatch.setattr(OnnxRuntimeBackend, "_session",
+                        lambda self, name: (events.append(name), session(self, name))[1])
+    monkeypatch.setattr(OnnxRuntimeBackend, "release",
+                        lambda self, graphs: (events.append("release"), release(self, graphs))[1])
+    code, _, _ = run(capsys, "transcribe", *files, "--model", bundle("tiny-untied"), "--max-new-tokens", 3)
+    assert code == 0 and sorted(events) == ["decoder", "encoder", "projector", "release"]
+    assert (events.index("decoder") > events.index("release")) == (len(files) == 1)
+
+
 def test_output_names_do_not_collide(capsys, bundle, tmp_path):
     (tmp_path / "a").mkdir()
     copy = tmp_path / "a" / "en_16k_s16.wav"

@@ -44,12 +44,16 @@ class LoadedModel:
 
     @classmethod
     def load(cls: type[Loaded], model: str | Path | None = None, backend: str = "auto", threads: int | None = None,
-             weights: str = "fp32", encoder_weights: str = "fp32", precision: str = "auto") -> Loaded:
+             weights: str = "fp32", encoder_weights: str = "fp32", precision: str = "auto",
+             background_load: bool = True) -> Loaded:
         """`model` is a bundle, a checkpoint directory or a Hugging Face id (`owner/name[@revision]`),
         by default the class's `default`; a checkpoint is exported to a bundle at `weights` (and
         `encoder_weights`) once, on first use, and cached, with the fused decoder where quantized
         weights will run on the CPU (resolve_model's `on_cpu`). `precision` is the GPU's compute type
-        (auto, fp32, fp16, bf16; see open_backend)."""
+        (auto, fp32, fp16, bf16; see open_backend). `background_load=False` loads the decoder when it
+        is first needed, after the audio is encoded, instead of while it is: slower to the first token
+        where cores are spare, but with `release_encoder` the audio encoder's weights and the
+        decoder's are then never held together (what `qasr transcribe` of one recording does)."""
         on_cpu = weights != "fp32" and (backend == "onnxruntime" or (backend == "auto" and not gpu_backend_usable()))
         loaded = Bundle.load(resolve_model(model or cls.default, cls.kind, weights, encoder_weights=encoder_weights,
                                            on_cpu=on_cpu))
@@ -57,7 +61,8 @@ class LoadedModel:
         # The tokenizer before the weights: its parse's transient (+64 MB, the real vocabulary's) then
         # falls on the smallest resident set instead of beside the decoder's packing in the background.
         tokenizer = load_tokenizer(loaded)
-        return cls(loaded, open_backend(loaded, backend, threads, precision), tokenizer)
+        return cls(loaded, open_backend(loaded, backend, threads, precision, background_load=background_load),
+                   tokenizer)
 
     @classmethod
     def check_kind(cls, bundle: Bundle) -> None:

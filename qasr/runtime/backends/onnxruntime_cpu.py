@@ -87,16 +87,25 @@ def share_threads(threads: int | None) -> None:
 class Sessions:
     """Graph name -> ONNX Runtime session. The large graph (decoder or aligner) loads in a
     background thread, so its seconds of weight packing overlap the audio's frontend and encoder
-    instead of adding to the time to the first token; a load error surfaces on first use."""
+    instead of adding to the time to the first token; a load error surfaces on first use.
 
-    BACKGROUND = ("decoder", "aligner")
+    With `background=False` it loads on first use instead: after the audio is encoded, so that a
+    process that frees the encoder then (release) never holds both graphs' weights. On 2 cores the
+    overlap gains little, as the loads and the encoder share the same cores: a one-shot 10 s with
+    the fused 1.7B int4 peaked at 1.17 GB instead of 1.41-1.48, its first result 0.3-0.4 s later
+    (docs/benchmarks.md, "The 1.7B on a small machine").
+    """
 
-    def __init__(self, load: Callable[[str], ort.InferenceSession], names: list[str]):
+    LARGE = ("decoder", "aligner")
+
+    def __init__(self, load: Callable[[str], ort.InferenceSession], names: list[str], background: bool = True):
         self.load = load
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending = {name: self.pool.submit(load, name) for name in names if name in self.BACKGROUND}
-        self.ready = {name: load(name) for name in names if name not in self.BACKGROUND}
-        self.pool.shutdown(wait=False)
+        self.pending = {}
+        if background:
+            pool = ThreadPoolExecutor(max_workers=1)
+            self.pending = {name: pool.submit(load, name) for name in names if name in self.LARGE}
+            pool.shutdown(wait=False)
+        self.ready = {name: load(name) for name in names if name not in self.LARGE}
 
     def __getitem__(self, name: str) -> ort.InferenceSession:
         if name not in self.ready:
@@ -113,13 +122,14 @@ class Sessions:
 class OnnxRuntimeBackend(Backend):
     name, device_label = "onnxruntime", "CPU"
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: list | None = None,
+                 background_load: bool = True):
         self.bundle = bundle
         self.providers = providers or ["CPUExecutionProvider"]
         self.threads = threads
         self.shrink = arena_shrink() if self.providers == ["CPUExecutionProvider"] else None
         return_freed_memory()
-        self.sessions = Sessions(self._session, list(bundle.manifest["graphs"]))
+        self.sessions = Sessions(self._session, list(bundle.manifest["graphs"]), background_load)
         model = bundle.model["text"]
         self.cache_shape = (model["num_hidden_layers"], 2, 1, model["num_key_value_heads"], 0, model["head_dim"])
         self.hidden_size = model["hidden_size"]
@@ -268,9 +278,10 @@ def usable(bundle: Bundle) -> bool:
     return True
 
 
-def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
+def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress,
+         background_load: bool = True) -> Backend:
     """The bundle's own graphs; a GPU compute type is refused here rather than silently ignored."""
     if precision not in ("auto", "fp32"):
         raise UsageError(f"--precision {precision} is for the GPU backends (onnxruntime-cuda, tensorrt); on the "
                          "CPU, smaller weights come from `qasr export --weights int8|int4`")
-    return OnnxRuntimeBackend(bundle, threads=threads)
+    return OnnxRuntimeBackend(bundle, threads=threads, background_load=background_load)

@@ -96,7 +96,7 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
     name, device_label = "onnxruntime-cuda", "CUDA GPU"
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", provider: str = "cuda", device: str = "cuda",
-                 device_id: int = 0, threads: int | None = None):
+                 device_id: int = 0, threads: int | None = None, background_load: bool = True):
         if precision not in PRECISIONS[1:]:
             raise UsageError(f"onnxruntime-cuda runs fp32, fp16 or bf16 graphs, not {precision}")
         if precision != "fp32" and bundle.manifest.get("weights"):
@@ -113,7 +113,8 @@ class OnnxRuntimeCudaBackend(OnnxRuntimeBackend):
             self.stream = self.cuda.stream()
         self.options = session_options(threads)  # one set for every graph: no CPU packing or arena choices
         self.options.log_severity_level = LOG_LEVEL
-        super().__init__(bundle, threads=threads, providers=self._providers(bundle, provider, precision))
+        super().__init__(bundle, threads=threads, providers=self._providers(bundle, provider, precision),
+                         background_load=background_load)
         cache = self.graphs["decoder"]["inputs"]["past_key_0"]["dtype"] if "decoder" in self.graphs else "float32"
         self.cache_type, self.itemsize = CACHE_TYPES[cache]
         self.cache_value: Any = None
@@ -300,10 +301,11 @@ def device_usable() -> bool:
     return True
 
 
-def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
+def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress,
+         background_load: bool = True) -> Backend:
     """The bundle's graphs at `precision` (auto: gpu_precision), derived on first use if need be."""
     require_cuda_provider()
     chosen = gpu_precision(bundle, precision)
     if chosen != "fp32":
         derive_graphs(bundle, chosen, progress)
-    return OnnxRuntimeCudaBackend(bundle, precision=chosen, threads=threads)
+    return OnnxRuntimeCudaBackend(bundle, precision=chosen, threads=threads, background_load=background_load)

@@ -50,13 +50,13 @@ class OnnxRuntimeCudaFusedBackend(OnnxRuntimeCudaBackend):
     slots = True
 
     def __init__(self, bundle: Bundle, precision: str = FUSED_GPU_AUTO, device: str = "cuda", device_id: int = 0,
-                 threads: int | None = None, cuda_graph: bool = True):
+                 threads: int | None = None, cuda_graph: bool = True, background_load: bool = True):
         if device == "cuda" and precision not in ("fp16", "bf16"):
             raise UsageError(f"a fused decoder runs fp16 or bf16 on the GPU (GroupQueryAttention's CUDA kernels), "
                              f"not {precision}")
         self.cuda_graph = cuda_graph and device == "cuda"
         super().__init__(bundle, precision=precision, provider="cuda", device=device, device_id=device_id,
-                         threads=threads)
+                         threads=threads, background_load=background_load)
         self.max_rows = bundle.model["text"]["max_position_embeddings"] - SPARE_ROWS  # the rope tables' length
         self.written = SlotRows()
         self.calls: dict[int, FusedDeviceCall] = {}  # bucket -> the decode step's bound values
@@ -218,7 +218,8 @@ def usable(bundle: Bundle) -> bool:
     return not bundle.manifest.get("weights") and onnxruntime_cuda.device_usable()
 
 
-def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
+def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress,
+         background_load: bool = True) -> Backend:
     """The fused decoder derived in `precision` (auto: FUSED_GPU_AUTO) on first use."""
     check_contract(bundle)
     if bundle.manifest.get("weights"):
@@ -230,4 +231,4 @@ def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress
                          "--precision fp16 or bf16")
     onnxruntime_cuda.require_cuda_provider()
     derive_graphs(bundle, chosen, progress)
-    return OnnxRuntimeCudaFusedBackend(bundle, precision=chosen, threads=threads)
+    return OnnxRuntimeCudaFusedBackend(bundle, precision=chosen, threads=threads, background_load=background_load)

@@ -74,8 +74,9 @@ class OnnxRuntimeFusedBackend(OnnxRuntimeBackend):
 
     slots = True
 
-    def __init__(self, bundle, threads: int | None = None, providers: list | None = None):
-        super().__init__(bundle, threads, providers)
+    def __init__(self, bundle, threads: int | None = None, providers: list | None = None,
+                 background_load: bool = True):
+        super().__init__(bundle, threads, providers, background_load)
         self.mapping: mmap.mmap | None = None
         self.written = SlotRows()
         self.logits: np.ndarray | None = None
@@ -177,9 +178,10 @@ def check_contract(bundle: Bundle) -> None:
                           "(qasr export CHECKPOINT --out DIR --decoder fused)")
 
 
-def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
+def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress,
+         background_load: bool = True) -> Backend:
     """A fused bundle (its decoder has one cache slot per row) on the CPU provider."""
     check_contract(bundle)
     if precision not in ("auto", "fp32"):
         raise UsageError(f"--precision {precision} is for the GPU backends; a fused bundle runs on the CPU")
-    return OnnxRuntimeFusedBackend(bundle, threads=threads)
+    return OnnxRuntimeFusedBackend(bundle, threads=threads, background_load=background_load)

@@ -2,8 +2,8 @@
 
 Each backend is one module of this folder with a `name`-bearing Backend class and two functions:
 `usable(bundle)`, whether `auto` may pick it on this machine for this bundle (cheap, never
-raising), and `load(bundle, threads, precision, progress)`, which opens it or refuses in one
-line. Adding a backend means adding its module and one entry to BACKENDS. Importing them all is
+raising), and `load(bundle, threads, precision, progress, background_load)`, which opens it or
+refuses in one line. Adding a backend means adding its module and one entry to BACKENDS. Importing them all is
 safe on any machine: what each needs beyond onnxruntime (cuda-python, TensorRT) is imported
 when it is used.
 """
@@ -30,18 +30,20 @@ CHOICES = ("auto", *BACKENDS)  # what --backend takes
 
 
 def open_backend(bundle: Bundle, backend: str = "auto", threads: int | None = None, precision: str = "auto",
-                 progress: Progress | None = None) -> Backend:
+                 progress: Progress | None = None, background_load: bool = True) -> Backend:
     """Open `backend` on `bundle` (auto: the first usable one of BACKENDS).
 
     `precision` is the GPU's compute type: TensorRT's engines have theirs from `qasr build`; on
     onnxruntime-cuda, fp16 and bf16 graphs are derived from the fp32 ones on first use and kept in
     the bundle (auto: an fp32 bundle's fp16 graphs). The CPU runs the bundle's graphs only, and a
-    fused decoder (one cache slot per batch row) has a contract only the ONNX Runtime backends bind."""
+    fused decoder (one cache slot per batch row) has a contract only the ONNX Runtime backends bind.
+    `background_load`: the decoder (or aligner) loads in the background while the audio is encoded,
+    else on first use (qasr.runtime.backends.onnxruntime_cpu.Sessions)."""
     if backend not in CHOICES:
         raise UsageError(f"unknown backend {backend!r} (choose from {', '.join(CHOICES)})")
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r} (choose from {', '.join(PRECISIONS)})")
-    return _module(bundle, backend).load(bundle, threads, precision, progress or say)
+    return _module(bundle, backend).load(bundle, threads, precision, progress or say, background_load)
 
 
 def gpu_backend_usable() -> bool:

@@ -416,6 +416,8 @@ def usable(bundle: Bundle) -> bool:
     return True
 
 
-def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress) -> Backend:
-    """The engines at their own precision (`qasr build` chose it); `threads` is the CPU's, unused here."""
+def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress,
+         background_load: bool = True) -> Backend:
+    """The engines at their own precision (`qasr build` chose it); `threads` is the CPU's, unused here,
+    and every engine is deserialized at once, into GPU memory (`background_load` is the CPU graphs' choice)."""
     return TensorRTBackend(bundle, precision)
