@@ -241,8 +241,8 @@ def run_transcribe(args: argparse.Namespace) -> int:
     if args.output_dir:
         writable_dir(args.output_dir, "the output directory")
     timestamps = args.timestamps or FORMATS[args.format].needs_words
-    # One recording: the decoder loads once it is encoded and its encoder freed (release_encoder below),
-    # so the two are never resident together; several keep the encoder to the last, and the overlap.
+    # One recording: the decoder loads once it is encoded and the encoder freed (release_encoder below),
+    # so the two are never resident together; several keep the encoder to the last, so they overlap.
     model = Transcriber.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
                              encoder_weights=args.encoder_weights, precision=args.precision,
                              background_load=len(args.audio) > 1)

@@ -50,10 +50,10 @@ class LoadedModel:
         by default the class's `default`; a checkpoint is exported to a bundle at `weights` (and
         `encoder_weights`) once, on first use, and cached, with the fused decoder where quantized
         weights will run on the CPU (resolve_model's `on_cpu`). `precision` is the GPU's compute type
-        (auto, fp32, fp16, bf16; see open_backend). `background_load=False` loads the decoder when it
-        is first needed, after the audio is encoded, instead of while it is: slower to the first token
-        where cores are spare, but with `release_encoder` the audio encoder's weights and the
-        decoder's are then never held together (what `qasr transcribe` of one recording does)."""
+        (auto, fp32, fp16, bf16; see open_backend). `background_load=False` loads the large graph (the
+        decoder, the aligner's own) when first needed, after the audio is encoded, instead of while it
+        is: later to the first token where cores are spare, but with `release_encoder` the audio
+        encoder's weights and the decoder's are never held together (`qasr transcribe` of one file)."""
         on_cpu = weights != "fp32" and (backend == "onnxruntime" or (backend == "auto" and not gpu_backend_usable()))
         loaded = Bundle.load(resolve_model(model or cls.default, cls.kind, weights, encoder_weights=encoder_weights,
                                            on_cpu=on_cpu))

@@ -3,9 +3,9 @@
 Each backend is one module of this folder with a `name`-bearing Backend class and two functions:
 `usable(bundle)`, whether `auto` may pick it on this machine for this bundle (cheap, never
 raising), and `load(bundle, threads, precision, progress, background_load)`, which opens it or
-refuses in one line. Adding a backend means adding its module and one entry to BACKENDS. Importing them all is
-safe on any machine: what each needs beyond onnxruntime (cuda-python, TensorRT) is imported
-when it is used.
+refuses in one line. Adding a backend means adding its module and one entry to BACKENDS.
+Importing them all is safe on any machine: what each needs beyond onnxruntime (cuda-python,
+TensorRT) is imported when it is used.
 """
 
 from __future__ import annotations

@@ -419,5 +419,5 @@ def usable(bundle: Bundle) -> bool:
 def load(bundle: Bundle, threads: int | None, precision: str, progress: Progress,
          background_load: bool = True) -> Backend:
     """The engines at their own precision (`qasr build` chose it); `threads` is the CPU's, unused here,
-    and every engine is deserialized at once, into GPU memory (`background_load` is the CPU graphs' choice)."""
+    and `background_load` has nothing to defer: every engine is deserialized at once, into GPU memory."""
     return TensorRTBackend(bundle, precision)
