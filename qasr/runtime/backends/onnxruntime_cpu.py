@@ -92,7 +92,7 @@ class Sessions:
     With `background=False` it loads on first use instead: after the audio is encoded, so that a
     process that frees the encoder then (release) never holds both graphs' weights. On 2 cores the
     overlap gains little, as the loads and the encoder share the same cores: a one-shot 10 s with
-    the fused 1.7B int4 peaked at 1.17 GB instead of 1.41-1.48, its first result 0.3-0.4 s later
+    the fused 1.7B int4 peaked at 1.17 GB instead of 1.41-1.48, its first result 0.2-0.4 s later
     (docs/benchmarks.md, "The 1.7B on a small machine").
     """
 
